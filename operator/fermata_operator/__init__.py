@@ -1,0 +1,1 @@
+"""Fermata operator: TrainingRun reconciliation, cost, idle, spot and gate policies."""

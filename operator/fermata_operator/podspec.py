@@ -1,0 +1,264 @@
+"""The objects a TrainingRun owns: trainer config ConfigMap, RBAC for the trainer, the pod.
+
+Everything here is a pure function of the run and the operator settings, so a retry or an
+operator restart renders byte-identical objects (and pod names are deterministic per
+incarnation: creating one twice is a harmless 409).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fermata_trainer import contract
+
+from fermata_operator.api import CapacityType, TrainingRunSpec
+from fermata_operator.settings import (
+    ANNOTATION_CAPACITY,
+    CAPACITY_LABELS,
+    GPU_RESOURCE,
+    INSTANCE_TYPE_LABEL,
+    LABEL_COMPONENT,
+    LABEL_INCARNATION,
+    LABEL_MANAGED_BY,
+    LABEL_NAME,
+    LABEL_RUN,
+    MANAGED_BY,
+    POD_FINALIZER,
+    OperatorSettings,
+)
+
+CONFIG_KEY = "trainer.json"
+CONFIG_DIR = "/etc/fermata"
+SCRATCH_DIR = "/tmp"  # noqa: S108 - the pod's scratch emptyDir
+
+
+def pod_name(run_name: str, incarnation: int) -> str:
+    return f"{run_name}-{incarnation}"
+
+
+def config_map_name(run_name: str) -> str:
+    return f"{run_name}-trainer"
+
+
+def service_account_name(run_name: str) -> str:
+    return f"{run_name}-trainer"
+
+
+def labels(run_name: str, component: str = "trainer") -> dict[str, str]:
+    return {
+        LABEL_NAME: "fermata",
+        LABEL_COMPONENT: component,
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_RUN: run_name,
+    }
+
+
+def owner_reference(run: dict[str, Any]) -> dict[str, Any]:
+    meta = run["metadata"]
+    return {
+        "apiVersion": f"{contract.API_GROUP}/{contract.API_VERSION}",
+        "kind": contract.KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _meta(run: dict[str, Any], name: str, component: str = "trainer") -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": run["metadata"]["namespace"],
+        "labels": labels(run["metadata"]["name"], component),
+        "ownerReferences": [owner_reference(run)],
+    }
+
+
+def trainer_config(run: dict[str, Any], spec: TrainingRunSpec, settings: OperatorSettings) -> contract.TrainerConfig:
+    meta = run["metadata"]
+    return contract.TrainerConfig(
+        run=contract.RunRef(name=meta["name"], namespace=meta["namespace"], uid=meta.get("uid")),
+        model=spec.model,
+        dataset=spec.dataset,
+        training=spec.training,
+        evaluation=spec.evaluation,
+        storage=spec.storage,
+        reporting=contract.ReportingSpec(heartbeat_seconds=settings.trainer_heartbeat_seconds),
+        gpus=spec.resources.gpus,
+        work_dir=f"{SCRATCH_DIR}/fermata",
+    )
+
+
+def config_map(run: dict[str, Any], spec: TrainingRunSpec, settings: OperatorSettings) -> dict[str, Any]:
+    cfg = trainer_config(run, spec, settings)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(run, config_map_name(run["metadata"]["name"])),
+        "data": {CONFIG_KEY: json.dumps(cfg.wire(), indent=2, sort_keys=True)},
+    }
+
+
+def trainer_rbac(run: dict[str, Any]) -> list[dict[str, Any]]:
+    """A ServiceAccount that may read its own run and write its own run's status — nothing else."""
+    name = run["metadata"]["name"]
+    sa = service_account_name(name)
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": _meta(run, sa),
+            "automountServiceAccountToken": False,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _meta(run, sa),
+            "rules": [
+                {
+                    "apiGroups": [contract.API_GROUP],
+                    "resources": [contract.PLURAL],
+                    "resourceNames": [name],
+                    "verbs": ["get"],
+                },
+                {
+                    "apiGroups": [contract.API_GROUP],
+                    "resources": [f"{contract.PLURAL}/status"],
+                    "resourceNames": [name],
+                    "verbs": ["get", "patch"],
+                },
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _meta(run, sa),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
+            "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": run["metadata"]["namespace"]}],
+        },
+    ]
+
+
+def _placement(spec: TrainingRunSpec, capacity: CapacityType, settings: OperatorSettings) -> dict[str, Any]:
+    """Node affinity for the capacity type (Karpenter or EKS labels) and instance types."""
+    types = {"key": INSTANCE_TYPE_LABEL, "operator": "In", "values": list(spec.resources.instance_types)}
+    terms = [
+        {"matchExpressions": [{"key": key, "operator": "In", "values": [values[capacity.value]]}, types]}
+        for key, values in CAPACITY_LABELS.items()
+    ]
+    tolerations: list[dict[str, Any]] = []
+    if spec.resources.gpus > 0:
+        tolerations += settings.gpu_tolerations
+    if capacity is CapacityType.spot:
+        tolerations += settings.spot_tolerations
+    tolerations += [t.model_dump(exclude_none=True) for t in spec.resources.tolerations]
+    placement: dict[str, Any] = {
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}},
+        "tolerations": tolerations,
+    }
+    if spec.resources.node_selector:
+        placement["nodeSelector"] = dict(spec.resources.node_selector)
+    return placement
+
+
+def _env(spec: TrainingRunSpec, incarnation: int, resume_from: str | None) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": contract.ENV_CONFIG, "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
+        {"name": contract.ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": contract.ENV_NODE_NAME, "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        {"name": contract.ENV_INCARNATION, "value": str(incarnation)},
+        {"name": "FERMATA_LOG_FORMAT", "value": "json"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "HOME", "value": SCRATCH_DIR},
+        {"name": "HF_HOME", "value": f"{SCRATCH_DIR}/hf"},
+    ]
+    if resume_from:
+        env.append({"name": contract.ENV_RESUME_FROM, "value": resume_from})
+    secret = spec.storage.credentials_secret
+    if secret:
+        for key, optional in (
+            ("AWS_ACCESS_KEY_ID", False),
+            ("AWS_SECRET_ACCESS_KEY", False),
+            ("AWS_SESSION_TOKEN", True),
+            ("AWS_ENDPOINT_URL_S3", True),
+            ("AWS_REGION", True),
+        ):
+            env.append(
+                {
+                    "name": key,
+                    "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": optional}},
+                }
+            )
+    return env
+
+
+def trainer_pod(
+    run: dict[str, Any],
+    spec: TrainingRunSpec,
+    settings: OperatorSettings,
+    *,
+    incarnation: int,
+    capacity: CapacityType,
+    resume_from: str | None,
+) -> dict[str, Any]:
+    """The trainer pod for one incarnation; passes the `restricted` Pod Security level."""
+    run_name = run["metadata"]["name"]
+    meta = _meta(run, pod_name(run_name, incarnation))
+    meta["labels"][LABEL_INCARNATION] = str(incarnation)
+    meta["annotations"] = {ANNOTATION_CAPACITY: capacity.value}
+    meta["finalizers"] = [POD_FINALIZER]
+    res = spec.resources
+    limits: dict[str, str] = {"memory": res.memory}
+    requests: dict[str, str] = {"cpu": res.cpu, "memory": res.memory}
+    if res.gpus:
+        limits[GPU_RESOURCE] = str(res.gpus)
+        requests[GPU_RESOURCE] = str(res.gpus)
+    uid = settings.trainer_uid
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": service_account_name(run_name),
+        "automountServiceAccountToken": True,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": res.termination_grace_period_seconds,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": uid,
+            "runAsGroup": uid,
+            "fsGroup": uid,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [
+            {
+                "name": "trainer",
+                "image": res.image,
+                "imagePullPolicy": res.image_pull_policy,
+                "command": ["fermata-train"],
+                "args": ["run"],
+                "env": _env(spec, incarnation, resume_from),
+                "resources": {"requests": requests, "limits": limits},
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "readOnlyRootFilesystem": True,
+                    "runAsNonRoot": True,
+                    "capabilities": {"drop": ["ALL"]},
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
+                "volumeMounts": [
+                    {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+                    {"name": "scratch", "mountPath": SCRATCH_DIR},
+                    {"name": "dshm", "mountPath": "/dev/shm"},
+                ],
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+            }
+        ],
+        "volumes": [
+            {"name": "config", "configMap": {"name": config_map_name(run_name)}},
+            {"name": "scratch", "emptyDir": {"sizeLimit": res.scratch_size}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},
+        ],
+        **_placement(spec, capacity, settings),
+    }
+    if res.priority_class_name:
+        pod_spec["priorityClassName"] = res.priority_class_name
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}

@@ -1,0 +1,86 @@
+"""Operator-wide settings, read once from the environment (the Helm chart sets them)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Labels and annotations the operator puts on what it creates.
+LABEL_RUN = "fermata.dev/run"
+LABEL_INCARNATION = "fermata.dev/incarnation"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_NAME = "app.kubernetes.io/name"
+MANAGED_BY = "fermata-operator"
+ANNOTATION_CAPACITY = "fermata.dev/capacity"
+#: Finalizer on trainer pods: a pod cannot vanish before its billed time is recorded.
+POD_FINALIZER = "fermata.dev/cost-accounting"
+#: Field manager of the operator's own writes.
+OPERATOR_FIELD_MANAGER = "fermata-operator"
+
+CAPACITY_LABELS = {
+    # label key -> {capacity type: label value}
+    "karpenter.sh/capacity-type": {"spot": "spot", "on-demand": "on-demand"},
+    "eks.amazonaws.com/capacityType": {"spot": "SPOT", "on-demand": "ON_DEMAND"},
+}
+INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
+GPU_RESOURCE = "nvidia.com/gpu"
+
+DEFAULT_SPOT_TOLERATIONS: list[dict[str, Any]] = [
+    {"key": "karpenter.sh/capacity-type", "operator": "Equal", "value": "spot", "effect": "NoSchedule"},
+    {"key": "eks.amazonaws.com/capacityType", "operator": "Equal", "value": "SPOT", "effect": "NoSchedule"},
+]
+DEFAULT_GPU_TOLERATIONS: list[dict[str, Any]] = [
+    {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
+]
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return float(raw) if raw else default
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """Knobs of the operator process (environment variables ``FERMATA_*``)."""
+
+    #: How often a run is reconciled when nothing happens (seconds).
+    resync_seconds: float = 60.0
+    #: How long the trainer gets to answer a checkpoint request before its pod is stopped.
+    checkpoint_request_timeout_seconds: float = 300.0
+    #: Heartbeat interval written into the trainer's config.
+    trainer_heartbeat_seconds: float = 30.0
+    #: Extra tolerations for spot capacity (JSON list in FERMATA_SPOT_TOLERATIONS).
+    spot_tolerations: list[dict[str, Any]] = field(
+        default_factory=lambda: list(DEFAULT_SPOT_TOLERATIONS)
+    )
+    gpu_tolerations: list[dict[str, Any]] = field(
+        default_factory=lambda: list(DEFAULT_GPU_TOLERATIONS)
+    )
+    #: ConfigMap holding the price table (namespace/name).
+    price_table: str = "fermata-system/fermata-prices"
+    #: Look up spot prices from AWS EC2 (boto3) when true.
+    aws_pricing: bool = False
+    #: UID the trainer runs as (the trainer image's user).
+    trainer_uid: int = 1000
+
+    @classmethod
+    def from_env(cls) -> OperatorSettings:
+        base = cls()
+        tolerations = os.environ.get("FERMATA_SPOT_TOLERATIONS")
+        return cls(
+            resync_seconds=_env_float("FERMATA_RESYNC_SECONDS", base.resync_seconds),
+            checkpoint_request_timeout_seconds=_env_float(
+                "FERMATA_CHECKPOINT_REQUEST_TIMEOUT_SECONDS",
+                base.checkpoint_request_timeout_seconds,
+            ),
+            trainer_heartbeat_seconds=_env_float(
+                "FERMATA_TRAINER_HEARTBEAT_SECONDS", base.trainer_heartbeat_seconds
+            ),
+            spot_tolerations=json.loads(tolerations) if tolerations else base.spot_tolerations,
+            price_table=os.environ.get("FERMATA_PRICE_TABLE", base.price_table),
+            aws_pricing=os.environ.get("FERMATA_AWS_PRICING", "").lower() in {"1", "true", "yes"},
+            trainer_uid=int(os.environ.get("FERMATA_TRAINER_UID", base.trainer_uid)),
+        )

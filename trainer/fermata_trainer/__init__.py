@@ -1,0 +1,1 @@
+"""Fermata trainer: fine-tunes MusicGen with audiocraft inside a TrainingRun pod."""

@@ -1,0 +1,50 @@
+"""structlog configured to write one JSON object per line (stdout), for people and machines."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, TextIO
+
+import structlog
+
+_configured = False
+
+
+def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
+    """Route structlog and the standard library's logging to JSON lines on ``stream``."""
+    global _configured
+    out = stream if stream is not None else sys.stdout
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        numeric = logging.INFO
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(sort_keys=False),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+    # Third-party libraries log through the standard library: send their warnings to stderr so
+    # stdout stays pure JSON lines from the trainer.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, force=True)
+    _configured = True
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger bound to ``logger=name``."""
+    return structlog.get_logger(name).bind(logger=name)
+
+
+def bind_context(**values: Any) -> None:
+    """Add key/values to every later log line of this process (rank, run name, pod)."""
+    structlog.contextvars.bind_contextvars(**values)
