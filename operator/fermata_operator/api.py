@@ -31,7 +31,7 @@ from fermata_trainer.contract import (
     TrainingSpec,
     _Model,
 )
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, JsonValue
 
 SINGULAR = "trainingrun"
 SHORT_NAMES = ["tr"]
@@ -40,9 +40,9 @@ CATEGORIES = ["fermata"]
 
 def cel(*rules: tuple[str, str] | tuple[str, str, str]) -> ConfigDict:
     """Model config carrying CEL rules: (rule, message) or (rule, message, fieldPath)."""
-    validations: list[dict[str, str]] = []
+    validations: list[JsonValue] = []
     for r in rules:
-        entry = {"rule": r[0], "message": r[1]}
+        entry: dict[str, JsonValue] = {"rule": r[0], "message": r[1]}
         if len(r) == 3:
             entry["fieldPath"] = r[2]
         validations.append(entry)
@@ -73,7 +73,9 @@ class Toleration(_Model):
 class ResourcesSpec(_Model):
     """Where and on what the trainer pod runs."""
 
-    image: str = Field(min_length=1, description="Trainer container image (see the Dockerfile's trainer target).")
+    image: str = Field(
+        min_length=1, description="Trainer container image (see the Dockerfile's trainer target)."
+    )
     image_pull_policy: str = Field(
         default="IfNotPresent",
         pattern="^(Always|IfNotPresent|Never)$",
@@ -104,12 +106,12 @@ class ResourcesSpec(_Model):
         ge=30,
         le=3600,
         description=(
-            "Time the trainer gets to write its checkpoint after SIGTERM (a spot notice gives "
-            "~120 s)."
+            "Time the trainer gets to write its checkpoint after SIGTERM (a spot notice gives ~120 s)."
         ),
     )
     scratch_size: str = Field(
-        default="50Gi", description="Size limit of the pod's scratch volume (code cache, downloads)."
+        default="50Gi",
+        description="Size limit of the pod's scratch volume (code cache, downloads).",
     )
 
 
@@ -133,9 +135,7 @@ class BudgetSpec(_Model):
     )
     stop_on_projected_overrun: bool = Field(
         default=False,
-        description=(
-            "Stop early when the projected total at the current progress rate exceeds maxUSD."
-        ),
+        description=("Stop early when the projected total at the current progress rate exceeds maxUSD."),
     )
     prices: list[PriceOverride] = Field(
         default_factory=list,
@@ -155,7 +155,10 @@ class IdleSpec(_Model):
         ),
     )
     min_gpu_utilization: float = Field(
-        default=0.5, ge=0, le=1, description="GPU utilisation (0-1) under which the GPU counts idle."
+        default=0.5,
+        ge=0,
+        le=1,
+        description="GPU utilisation (0-1) under which the GPU counts idle.",
     )
 
 
@@ -416,6 +419,26 @@ class GateOutcome(_Model):
     )
 
 
+class IdleTracking(_Model):
+    """Clocks the idle policy keeps between reconciles."""
+
+    pod: str | None = Field(default=None, description="Pod the clocks belong to.")
+    step: int | None = Field(default=None, description="Last step seen.")
+    step_since: datetime | None = Field(default=None, description="When that step was first seen.")
+    low_gpu_since: datetime | None = Field(
+        default=None, description="Since when GPU utilisation is under the threshold."
+    )
+
+
+class StopIntent(_Model):
+    """A stop the operator has decided on and is carrying out."""
+
+    phase: Phase = Field(description="Phase the run ends in.")
+    reason: str = Field(description="CamelCase reason (BudgetExceeded, Idle, GateNoGo, ...).")
+    message: str = Field(default="", description="Human-readable detail.")
+    time: datetime = Field(description="When the stop was decided.")
+
+
 class TrainingRunStatus(_Model):
     """Observed state, written by the operator (and progress/lastCheckpoint by the trainer)."""
 
@@ -458,6 +481,9 @@ class TrainingRunStatus(_Model):
         default=None, description="Newest verified checkpoint; the next pod resumes from it."
     )
     control: TrainerControl | None = Field(default=None, description="Operator → trainer requests.")
+    idle_tracking: IdleTracking | None = Field(default=None, description="Idle policy clocks.")
+    stop: StopIntent | None = Field(default=None, description="The stop being carried out.")
+    last_interruption: str | None = Field(default=None, description="Why the last pod was lost.")
 
 
 # ----------------------------------------------------------------------------- the object
@@ -489,9 +515,19 @@ def printer_columns() -> list[dict[str, Any]]:
             "description": "US dollar budget",
         },
         {"name": "Capacity", "type": "string", "jsonPath": ".status.capacity", "priority": 1},
-        {"name": "Interruptions", "type": "integer", "jsonPath": ".status.interruptions", "priority": 1},
+        {
+            "name": "Interruptions",
+            "type": "integer",
+            "jsonPath": ".status.interruptions",
+            "priority": 1,
+        },
         {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step", "priority": 1},
-        {"name": "Val-Loss", "type": "number", "jsonPath": ".status.progress.validationLoss", "priority": 1},
+        {
+            "name": "Val-Loss",
+            "type": "number",
+            "jsonPath": ".status.progress.validationLoss",
+            "priority": 1,
+        },
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
 
@@ -516,12 +552,14 @@ __all__ = [
     "GateRequire",
     "GateSpec",
     "IdleSpec",
+    "IdleTracking",
     "NoGoAction",
     "Phase",
     "PodStatusSummary",
     "PriceOverride",
     "ResourcesSpec",
     "SpotSpec",
+    "StopIntent",
     "TrainingRunSpec",
     "TrainingRunStatus",
     "printer_columns",

@@ -116,9 +116,11 @@ def _object_defaults(model: type[BaseModel], schema: dict[str, Any]) -> None:
             if isinstance(value, BaseModel):
                 prop["default"] = {}
             elif isinstance(value, list | dict):
-                prop["default"] = [
-                    v.value if hasattr(v, "value") else v for v in value
-                ] if isinstance(value, list) else value
+                prop["default"] = (
+                    [v.value if hasattr(v, "value") else v for v in value]
+                    if isinstance(value, list)
+                    else value
+                )
         for sub in sub_models:
             if prop.get("type") == "object" and "properties" in prop:
                 _object_defaults(sub, prop)
@@ -138,7 +140,7 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
 def model_schema(model: type[BaseModel]) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
     defs = raw.pop("$defs", {})
-    schema = _structural(_resolve(raw, defs))
+    schema: dict[str, Any] = _structural(_resolve(raw, defs))
     _object_defaults(model, schema)
     return schema
 

@@ -36,7 +36,14 @@ TERMINATION_TAINTS = {
     "ToBeDeletedByClusterAutoscaler",
     "cloud.google.com/impending-node-termination",
 }
-INTERRUPTION_POD_REASONS = {"Evicted", "Preempting", "Shutdown", "NodeShutdown", "Terminated", "NodeLost"}
+INTERRUPTION_POD_REASONS = {
+    "Evicted",
+    "Preempting",
+    "Shutdown",
+    "NodeShutdown",
+    "Terminated",
+    "NodeLost",
+}
 #: Waiting reasons that will not fix themselves: a config error, not a transient state.
 PERMANENT_WAITING_REASONS = {
     "CreateContainerConfigError",
@@ -168,7 +175,13 @@ def classify(pod: dict[str, Any], node: dict[str, Any] | None, node_known_missin
 
     if interrupted_reason and (deleting or node_known_missing):
         return Outcome(
-            Kind.interrupted, interrupted_reason, f"pod lost: {interrupted_reason}", exit_code, True, started, None
+            Kind.interrupted,
+            interrupted_reason,
+            f"pod lost: {interrupted_reason}",
+            exit_code,
+            True,
+            started,
+            None,
         )
 
     if phase == "Running":

@@ -30,7 +30,7 @@ from fermata_operator.settings import (
 
 CONFIG_KEY = "trainer.json"
 CONFIG_DIR = "/etc/fermata"
-SCRATCH_DIR = "/tmp"  # noqa: S108 - the pod's scratch emptyDir
+SCRATCH_DIR = "/tmp"
 
 
 def pod_name(run_name: str, incarnation: int) -> str:
@@ -75,7 +75,9 @@ def _meta(run: dict[str, Any], name: str, component: str = "trainer") -> dict[st
     }
 
 
-def trainer_config(run: dict[str, Any], spec: TrainingRunSpec, settings: OperatorSettings) -> contract.TrainerConfig:
+def trainer_config(
+    run: dict[str, Any], spec: TrainingRunSpec, settings: OperatorSettings
+) -> contract.TrainerConfig:
     meta = run["metadata"]
     return contract.TrainerConfig(
         run=contract.RunRef(name=meta["name"], namespace=meta["namespace"], uid=meta.get("uid")),
@@ -142,9 +144,18 @@ def trainer_rbac(run: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _placement(spec: TrainingRunSpec, capacity: CapacityType, settings: OperatorSettings) -> dict[str, Any]:
     """Node affinity for the capacity type (Karpenter or EKS labels) and instance types."""
-    types = {"key": INSTANCE_TYPE_LABEL, "operator": "In", "values": list(spec.resources.instance_types)}
+    types = {
+        "key": INSTANCE_TYPE_LABEL,
+        "operator": "In",
+        "values": list(spec.resources.instance_types),
+    }
     terms = [
-        {"matchExpressions": [{"key": key, "operator": "In", "values": [values[capacity.value]]}, types]}
+        {
+            "matchExpressions": [
+                {"key": key, "operator": "In", "values": [values[capacity.value]]},
+                types,
+            ]
+        }
         for key, values in CAPACITY_LABELS.items()
     ]
     tolerations: list[dict[str, Any]] = []
@@ -154,7 +165,9 @@ def _placement(spec: TrainingRunSpec, capacity: CapacityType, settings: Operator
         tolerations += settings.spot_tolerations
     tolerations += [t.model_dump(exclude_none=True) for t in spec.resources.tolerations]
     placement: dict[str, Any] = {
-        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}},
+        "affinity": {
+            "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}
+        },
         "tolerations": tolerations,
     }
     if spec.resources.node_selector:

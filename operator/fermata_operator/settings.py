@@ -29,8 +29,18 @@ INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
 GPU_RESOURCE = "nvidia.com/gpu"
 
 DEFAULT_SPOT_TOLERATIONS: list[dict[str, Any]] = [
-    {"key": "karpenter.sh/capacity-type", "operator": "Equal", "value": "spot", "effect": "NoSchedule"},
-    {"key": "eks.amazonaws.com/capacityType", "operator": "Equal", "value": "SPOT", "effect": "NoSchedule"},
+    {
+        "key": "karpenter.sh/capacity-type",
+        "operator": "Equal",
+        "value": "spot",
+        "effect": "NoSchedule",
+    },
+    {
+        "key": "eks.amazonaws.com/capacityType",
+        "operator": "Equal",
+        "value": "SPOT",
+        "effect": "NoSchedule",
+    },
 ]
 DEFAULT_GPU_TOLERATIONS: list[dict[str, Any]] = [
     {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
@@ -53,12 +63,8 @@ class OperatorSettings:
     #: Heartbeat interval written into the trainer's config.
     trainer_heartbeat_seconds: float = 30.0
     #: Extra tolerations for spot capacity (JSON list in FERMATA_SPOT_TOLERATIONS).
-    spot_tolerations: list[dict[str, Any]] = field(
-        default_factory=lambda: list(DEFAULT_SPOT_TOLERATIONS)
-    )
-    gpu_tolerations: list[dict[str, Any]] = field(
-        default_factory=lambda: list(DEFAULT_GPU_TOLERATIONS)
-    )
+    spot_tolerations: list[dict[str, Any]] = field(default_factory=lambda: list(DEFAULT_SPOT_TOLERATIONS))
+    gpu_tolerations: list[dict[str, Any]] = field(default_factory=lambda: list(DEFAULT_GPU_TOLERATIONS))
     #: ConfigMap holding the price table (namespace/name).
     price_table: str = "fermata-system/fermata-prices"
     #: Look up spot prices from AWS EC2 (boto3) when true.

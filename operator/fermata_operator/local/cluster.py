@@ -99,9 +99,7 @@ def ensure_built(timeout: float = 3600.0) -> Path:
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ControlPlaneError(f"{script} failed: {exc}") from exc
     if result.returncode != 0:
-        raise ControlPlaneError(
-            f"{script} exited with {result.returncode}:\n{result.stdout}{result.stderr}"
-        )
+        raise ControlPlaneError(f"{script} exited with {result.returncode}:\n{result.stdout}{result.stderr}")
     return find_testcluster_binary()
 
 
@@ -129,10 +127,8 @@ def _terminate(proc: _Process, timeout: float) -> None:
         if popen.poll() is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(popen.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
         # Children the leader left behind in its group die with it.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(popen.pid, signal.SIGKILL)
@@ -199,9 +195,7 @@ class LocalControlPlane:
         if self._processes:
             raise ControlPlaneError("control plane already started")
         if not self.binary.is_file():
-            raise ControlPlaneError(
-                f"{self.binary} does not exist; build it with tests/cluster/build.sh"
-            )
+            raise ControlPlaneError(f"{self.binary} does not exist; build it with tests/cluster/build.sh")
         for sub in ("certs", "pki", "etcd", "logs"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         (self.workdir / "etcd").chmod(0o700)
@@ -301,9 +295,7 @@ class LocalControlPlane:
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-        req = urllib.request.Request(
-            self.server + path, headers={"Authorization": f"Bearer {self.token}"}
-        )
+        req = urllib.request.Request(self.server + path, headers={"Authorization": f"Bearer {self.token}"})
         try:
             with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
                 return int(resp.status), resp.read().decode(errors="replace")
@@ -430,8 +422,7 @@ class LocalControlPlane:
                 last = str(exc)
             time.sleep(0.2)
         raise ControlPlaneError(
-            f"apiserver not ready after {self.startup_timeout}s ({last}):\n"
-            f"{self._log_tail('apiserver')}"
+            f"apiserver not ready after {self.startup_timeout}s ({last}):\n{self._log_tail('apiserver')}"
         )
 
     def _wait_default_service_account(self) -> None:

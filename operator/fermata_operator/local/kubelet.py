@@ -105,7 +105,7 @@ DEFAULT_PASSTHROUGH_ENV: tuple[str, ...] = (
 JSON = dict[str, Any]
 
 
-# -- node description ---------------------------------------------------------------------------
+# -- node description ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -148,9 +148,7 @@ class NodeSpec:
             "topology.kubernetes.io/zone": self.zone,
             "topology.kubernetes.io/region": self.zone.rstrip("abcdefghijklmnopqrstuvwxyz"),
             "karpenter.sh/capacity-type": self.capacity_type,
-            "eks.amazonaws.com/capacityType": "SPOT"
-            if self.capacity_type == "spot"
-            else "ON_DEMAND",
+            "eks.amazonaws.com/capacityType": "SPOT" if self.capacity_type == "spot" else "ON_DEMAND",
         }
         if self.gpus > 0:
             labels["nvidia.com/gpu.present"] = "true"
@@ -213,7 +211,7 @@ def load_nodes(path: Path) -> list[NodeSpec]:
     return [NodeSpec.from_dict(item) for item in data]
 
 
-# -- helpers --------------------------------------------------------------------------------------
+# -- helpers -------------------------------------------------------------------------------------
 
 
 def _now() -> str:
@@ -270,7 +268,7 @@ class _PodRuntime:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-# -- the kubelet ----------------------------------------------------------------------------------
+# -- the kubelet ---------------------------------------------------------------------------------
 
 
 class LocalKubelet:
@@ -598,9 +596,7 @@ class LocalKubelet:
 
     def _relist(self) -> str:
         listing = _body(
-            self._core.list_pod_for_all_namespaces(
-                field_selector="spec.nodeName!=", _preload_content=False
-            )
+            self._core.list_pod_for_all_namespaces(field_selector="spec.nodeName!=", _preload_content=False)
         )
         items = listing.get("items") or []
         seen: set[tuple[str, str]] = set()
@@ -740,11 +736,13 @@ class LocalKubelet:
         meta = pod["metadata"]
         uid = meta["uid"]
         with self._lock:
-            if uid in self._deletions:
-                return
-            self._deletions.add(uid)
             rt = self._runtimes.get(uid)
+            signalled = uid in self._deletions
         if rt is not None and rt.process is not None and rt.process.poll() is None:
+            if signalled:
+                return  # the process waiter writes the final status and deletes the pod
+            with self._lock:
+                self._deletions.add(uid)
             grace = meta.get("deletionGracePeriodSeconds")
             if grace is None:
                 grace = pod.get("spec", {}).get("terminationGracePeriodSeconds", 30)
@@ -753,7 +751,7 @@ class LocalKubelet:
             self._signal(rt, signal.SIGTERM)
             killer = threading.Thread(target=self._kill_after, args=(rt, float(grace)), daemon=True)
             killer.start()
-            return  # the process waiter writes the final status and deletes the pod
+            return
         self._force_delete(pod["metadata"]["namespace"], pod["metadata"]["name"], uid)
 
     def _kill_after(self, rt: _PodRuntime, grace: float) -> None:
@@ -1037,9 +1035,7 @@ class LocalKubelet:
                 )
             time.sleep(0.1)
 
-    def wait_for_phase(
-        self, namespace: str, name: str, *phases: str, timeout: float = 30.0
-    ) -> JSON:
+    def wait_for_phase(self, namespace: str, name: str, *phases: str, timeout: float = 30.0) -> JSON:
         return self.wait_for_pod(
             namespace,
             name,
@@ -1067,10 +1063,7 @@ class LocalKubelet:
         kubeconfig = self._pod_kubeconfig(pod, root / "kubeconfig")
 
         env.update({ROOT_PREFIX_ENV: str(rootfs), "KUBECONFIG": str(kubeconfig), "HOSTNAME": name})
-        argv = [
-            expand(part, env)
-            for part in [*container.get("command", []), *container.get("args", [])]
-        ]
+        argv = [expand(part, env) for part in [*container.get("command", []), *container.get("args", [])]]
         started_at = _now()
         log_path = root / "container.log"
         rt = _PodRuntime(uid, namespace, name, root, log_path, started_at)
@@ -1160,9 +1153,7 @@ class LocalKubelet:
 
     def _read_configmap(self, namespace: str, name: str, optional: bool) -> dict[str, bytes] | None:
         try:
-            cm = _body(
-                self._core.read_namespaced_config_map(name, namespace, _preload_content=False)
-            )
+            cm = _body(self._core.read_namespaced_config_map(name, namespace, _preload_content=False))
         except ApiException as exc:
             if exc.status == 404:
                 if optional:
@@ -1175,9 +1166,7 @@ class LocalKubelet:
 
     def _read_secret(self, namespace: str, name: str, optional: bool) -> dict[str, bytes] | None:
         try:
-            secret = _body(
-                self._core.read_namespaced_secret(name, namespace, _preload_content=False)
-            )
+            secret = _body(self._core.read_namespaced_secret(name, namespace, _preload_content=False))
         except ApiException as exc:
             if exc.status == 404:
                 if optional:
@@ -1311,9 +1300,7 @@ class LocalKubelet:
             self._downward_items(pod, target, ref.get("items") or [])
         elif ref := source.get("serviceAccountToken"):
             audience = ref.get("audience")
-            token = self._token(
-                pod, [audience] if audience else [], int(ref.get("expirationSeconds", 3607))
-            )
+            token = self._token(pod, [audience] if audience else [], int(ref.get("expirationSeconds", 3607)))
             path = target / ref.get("path", "token")
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(token)
@@ -1321,11 +1308,12 @@ class LocalKubelet:
     @staticmethod
     def _mount(container: JSON, volumes: Mapping[str, Path], rootfs: Path) -> None:
         for mount in container.get("volumeMounts") or []:
-            source = volumes.get(mount["name"])
-            if source is None:
+            volume = volumes.get(mount["name"])
+            if volume is None:
                 continue
+            source = volume
             if mount.get("subPath"):
-                source = source / mount["subPath"]
+                source = volume / mount["subPath"]
                 if not source.exists():
                     source.mkdir(parents=True)
             target = rootfs / str(mount["mountPath"]).lstrip("/")
@@ -1363,12 +1351,15 @@ class LocalKubelet:
         return str(result["status"]["token"])
 
     def _read_cluster_entry(self) -> JSON:
-        data = yaml.safe_load(self.kubeconfig.read_text()) or {}
-        context_name = data.get("current-context")
-        contexts = {c["name"]: c.get("context") or {} for c in data.get("contexts") or []}
-        clusters = {c["name"]: c.get("cluster") or {} for c in data.get("clusters") or []}
-        context = contexts.get(context_name) or next(iter(contexts.values()), {})
-        cluster = clusters.get(context.get("cluster")) or next(iter(clusters.values()), {})
+        data: JSON = yaml.safe_load(self.kubeconfig.read_text()) or {}
+        contexts: dict[str, JSON] = {c["name"]: c.get("context") or {} for c in data.get("contexts") or []}
+        clusters: dict[str, JSON] = {c["name"]: c.get("cluster") or {} for c in data.get("clusters") or []}
+        context: JSON = contexts.get(str(data.get("current-context"))) or {}
+        if not context and contexts:
+            context = next(iter(contexts.values()))
+        cluster: JSON = clusters.get(str(context.get("cluster"))) or {}
+        if not cluster and clusters:
+            cluster = next(iter(clusters.values()))
         return dict(cluster)
 
     def _pod_kubeconfig(self, pod: JSON, path: Path) -> Path:
@@ -1394,7 +1385,7 @@ class LocalKubelet:
         return path
 
 
-# -- CLI --------------------------------------------------------------------------------------------
+# -- CLI -----------------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1403,9 +1394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Play GPU nodes (no container runtime) against a Kubernetes API server.",
     )
     parser.add_argument("--kubeconfig", type=Path, required=True)
-    parser.add_argument(
-        "--nodes", type=Path, help="YAML list of nodes (default: 2 spot + 2 on-demand)"
-    )
+    parser.add_argument("--nodes", type=Path, help="YAML list of nodes (default: 2 spot + 2 on-demand)")
     parser.add_argument("--mode", choices=MODES, default="auto")
     parser.add_argument("--workdir", type=Path, help="pod roots and logs (default: a temp dir)")
     parser.add_argument(

@@ -1,0 +1,78 @@
+"""Standard ``status.conditions`` bookkeeping (lastTransitionTime only moves on a change)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from fermata_operator.api import Condition
+
+# Condition types a TrainingRun carries.
+ACCEPTED = "Accepted"  # the spec is runnable (False: InvalidSpec and friends)
+POD_SCHEDULED = "PodScheduled"  # the trainer pod is on a node
+WAITING_FOR_CAPACITY = "WaitingForCapacity"  # Pending for lack of a node
+PROGRESSING = "Progressing"  # training steps advance
+BUDGET_WARNING = "BudgetWarning"
+BUDGET_EXCEEDED = "BudgetExceeded"
+IDLE = "Idle"
+INTERRUPTED = "Interrupted"  # the last pod was lost to a spot interruption
+SUSPENDED = "Suspended"
+GATE_PASSED = "GatePassed"  # the latest gate's decision
+COMPLETE = "Complete"
+FAILED = "Failed"
+READY = "Ready"  # summary used by `kubectl wait` and Argo CD
+
+
+def get(conditions: list[Condition], ctype: str) -> Condition | None:
+    return next((c for c in conditions if c.type == ctype), None)
+
+
+def is_true(conditions: list[Condition], ctype: str) -> bool:
+    c = get(conditions, ctype)
+    return c is not None and c.status == "True"
+
+
+def put(
+    conditions: list[Condition],
+    ctype: str,
+    status: bool | str,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int | None,
+) -> list[Condition]:
+    """Return conditions with ``ctype`` set; keeps lastTransitionTime unless status changed."""
+    value = status if isinstance(status, str) else ("True" if status else "False")
+    out: list[Condition] = []
+    found = False
+    for c in conditions:
+        if c.type != ctype:
+            out.append(c)
+            continue
+        found = True
+        changed = c.status != value
+        out.append(
+            Condition(
+                type=ctype,
+                status=value,
+                reason=reason,
+                message=message,
+                last_transition_time=now if changed else c.last_transition_time,
+                observed_generation=generation,
+            )
+        )
+    if not found:
+        out.append(
+            Condition(
+                type=ctype,
+                status=value,
+                reason=reason,
+                message=message,
+                last_transition_time=now,
+                observed_generation=generation,
+            )
+        )
+    return out
+
+
+def drop(conditions: list[Condition], ctype: str) -> list[Condition]:
+    return [c for c in conditions if c.type != ctype]

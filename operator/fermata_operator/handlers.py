@@ -1,0 +1,181 @@
+"""kopf wiring: one long-lived reconcile loop per TrainingRun, woken by pod and run events.
+
+The loop (a kopf daemon) runs :meth:`RunController.reconcile` in a thread whenever the run or
+one of its pods changes, when a policy clock is due (budget crossing, idle timeout, gate time,
+retry backoff), and at least every ``FERMATA_RESYNC_SECONDS``. Pods and nodes come from kopf
+indices (watch caches), so an idle run costs no API reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+import structlog
+from fermata_trainer import contract
+from kubernetes.client.exceptions import ApiException
+
+from fermata_operator import cost as cost_policy
+from fermata_operator import metrics
+from fermata_operator.controller import RunController
+from fermata_operator.kube import api_client
+from fermata_operator.pod_outcome import node_termination_taint
+from fermata_operator.settings import LABEL_RUN, POD_FINALIZER, OperatorSettings
+
+log = structlog.get_logger("fermata.handlers")
+RESOURCE = (contract.API_GROUP, contract.API_VERSION, contract.PLURAL)
+_WAKERS: dict[tuple[str, str], asyncio.Event] = {}
+
+
+def _controller(memo: Any) -> RunController:
+    ctl: RunController = memo["controller"]
+    return ctl
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.persistence.finalizer = "fermata.dev/operator"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="fermata.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="fermata.dev", key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.request_timeout = 60
+    opsettings = OperatorSettings.from_env()
+    ctl = RunController(api=api_client(), settings=opsettings)
+    ctl.prices = await asyncio.to_thread(load_prices, ctl, opsettings)
+    memo["controller"] = ctl
+    port = int(os.environ.get("FERMATA_METRICS_PORT", "0") or 0)
+    if port:
+        from prometheus_client import start_http_server
+
+        start_http_server(port)
+    log.info("operator started", resync=opsettings.resync_seconds, price_table=opsettings.price_table)
+
+
+def load_prices(ctl: RunController, opsettings: OperatorSettings) -> cost_policy.PriceTable:
+    ns, _, name = opsettings.price_table.partition("/")
+    try:
+        cm = ctl.core.read_namespaced_config_map(name, ns)
+    except ApiException as exc:
+        log.warning(
+            "price table not found; using built-in prices",
+            configmap=opsettings.price_table,
+            status=exc.status,
+        )
+        return cost_policy.PriceTable()
+    return cost_policy.PriceTable.from_config_map_data(cm.data)
+
+
+@kopf.index("", "v1", "pods", labels={LABEL_RUN: kopf.PRESENT})
+def pods_by_run(
+    *, namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any
+) -> dict[Any, Any]:
+    return {(namespace, labels[LABEL_RUN]): dict(body)}
+
+
+@kopf.index("", "v1", "nodes")
+def nodes_by_name(*, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {name: dict(body)}
+
+
+def _wake(namespace: str, name: str) -> None:
+    event = _WAKERS.get((namespace, name))
+    if event is not None:
+        event.set()
+
+
+@kopf.on.event("", "v1", "pods", labels={LABEL_RUN: kopf.PRESENT})
+async def pod_changed(
+    *, namespace: str | None, labels: Mapping[str, str], body: kopf.Body, memo: Any, **_: Any
+) -> None:
+    run = labels[LABEL_RUN]
+    if namespace is None:
+        return
+    if (namespace, run) in _WAKERS:
+        _wake(namespace, run)
+        return
+    meta = body.get("metadata") or {}
+    if meta.get("deletionTimestamp") and POD_FINALIZER in (meta.get("finalizers") or []):
+        ctl = _controller(memo)
+        if not await asyncio.to_thread(ctl.run_exists, namespace, run):
+            await asyncio.to_thread(ctl.release_orphan, dict(body))
+
+
+@kopf.on.event("", "v1", "nodes")
+async def node_changed(*, name: str, type: str, body: kopf.Body, **kwargs: Any) -> None:
+    """A node deleted or tainted for termination concerns the runs with pods on it."""
+    if type != "DELETED" and node_termination_taint(dict(body)) is None:
+        return  # heartbeats and label churn: nothing for us
+    index: kopf.Index[Any, Any] = kwargs["pods_by_run"]
+    for key, store in index.items():
+        if any((p.get("spec") or {}).get("nodeName") == name for p in store):
+            _wake(*key)
+
+
+@kopf.on.event(*RESOURCE)
+async def run_changed(*, namespace: str | None, name: str, **_: Any) -> None:
+    if namespace is not None:
+        _wake(namespace, name)
+
+
+@kopf.daemon(*RESOURCE, cancellation_timeout=30.0, initial_delay=0)
+async def run_loop(
+    *,
+    namespace: str | None,
+    name: str,
+    body: kopf.Body,
+    memo: Any,
+    stopped: kopf.DaemonStopped,
+    **kwargs: Any,
+) -> None:
+    if namespace is None:
+        return
+    pods_by_run: kopf.Index[Any, Any] = kwargs["pods_by_run"]
+    nodes_by_name: kopf.Index[Any, Any] = kwargs["nodes_by_name"]
+    ctl = _controller(memo)
+    key = (namespace, name)
+    wake = asyncio.Event()
+    _WAKERS[key] = wake
+    try:
+        failures = 0
+        while not stopped:
+            wake.clear()
+            pods = [dict(p) for p in pods_by_run.get(key, [])]
+            nodes = {n: dict(next(iter(store))) for n, store in nodes_by_name.items() if store}
+            try:
+                delay = await asyncio.to_thread(ctl.reconcile, dict(body), pods, nodes)
+                failures = 0
+            except ApiException as exc:
+                failures += 1
+                delay = min(60.0, 2.0**failures)
+                log.warning(
+                    "reconcile failed",
+                    namespace=namespace,
+                    run=name,
+                    status=exc.status,
+                    reason=exc.reason,
+                    retry_in=delay,
+                )
+            except Exception:
+                failures += 1
+                delay = min(300.0, 2.0**failures)
+                log.exception("reconcile crashed", namespace=namespace, run=name, retry_in=delay)
+            wait = ctl.settings.resync_seconds if delay is None else min(delay, ctl.settings.resync_seconds)
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=max(0.05, wait))
+                await asyncio.sleep(0.05)  # let bursts of events settle into one reconcile
+            except TimeoutError:
+                pass
+    finally:
+        if _WAKERS.get(key) is wake:
+            del _WAKERS[key]
+        if body.get("metadata", {}).get("deletionTimestamp"):
+            ctl.forget(namespace, name)
+            metrics.forget_run(namespace, name)
