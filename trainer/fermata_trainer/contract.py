@@ -49,11 +49,16 @@ EXIT_STOPPED_WITH_CHECKPOINT = 0
 EXIT_CONFIG_ERROR = 2
 
 
+def wire_name(field: str) -> str:
+    """snake_case → the camelCase Kubernetes users expect (``max_usd`` → ``maxUSD``)."""
+    return re.sub(r"Usd(?=[A-Z]|$)", "USD", to_camel(field))
+
+
 class _Model(BaseModel):
     """camelCase on the wire (as Kubernetes users expect), snake_case in Python."""
 
     model_config = ConfigDict(
-        alias_generator=to_camel,
+        alias_generator=wire_name,
         populate_by_name=True,
         extra="forbid",
         frozen=False,
@@ -163,8 +168,7 @@ class DatasetSpec(_Model):
         gt=0,
         le=60,
         description=(
-            "Length of the training segments in seconds; shorter clips are padded and masked, "
-            "never dropped."
+            "Length of the training segments in seconds; shorter clips are padded and masked, never dropped."
         ),
     )
     verify_checksums: bool = Field(
@@ -468,4 +472,3 @@ __all__ = [
     "read_control",
     "resolve_mount_path",
 ]
-

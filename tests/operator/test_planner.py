@@ -1,0 +1,411 @@
+"""The reconcile planner against hand-built API objects: every decision, no cluster needed."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from fermata_operator import cost
+from fermata_operator.api import TrainingRunStatus
+from fermata_operator.pod_outcome import STOP_REASON_ANNOTATION
+from fermata_operator.reconcile import Observed, Plan, plan, status_changed
+from fermata_operator.settings import POD_FINALIZER, OperatorSettings
+
+from tests.operator.factories import T0, iso, node, pod_for, progress, run, running, terminated
+
+SETTINGS = OperatorSettings()
+NODES = {"spot-1": node("spot-1"), "od-1": node("od-1", capacity="on-demand")}
+
+
+def step(r: dict[str, Any], pods: list[dict[str, Any]], at: timedelta, missing: set[str] | None = None) -> Plan:
+    obs = Observed(run=r, pods=pods, nodes=NODES, missing_nodes=missing or set(), prices=cost.PriceTable(), now=T0 + at)
+    result = plan(obs, SETTINGS)
+    # Apply the operator-owned status like the controller would (trainer keys survive).
+    trainer = {k: v for k, v in (r.get("status") or {}).items() if k in {"progress", "lastCheckpoint"}}
+    r["status"] = {**result.status, **trainer}
+    return result
+
+
+def cond(r: dict[str, Any], ctype: str) -> dict[str, Any]:
+    return next(c for c in r["status"]["conditions"] if c["type"] == ctype)
+
+
+def test_new_run_creates_config_rbac_and_one_pod() -> None:
+    r = run()
+    p = step(r, [], timedelta(0))
+    kinds = [o["kind"] for o in p.create]
+    assert kinds == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Pod"]
+    pod = p.create[-1]
+    assert pod["metadata"]["name"] == "demo-0"
+    assert r["status"]["phase"] == "Pending"
+    assert r["status"]["pod"]["name"] == "demo-0"
+    assert r["status"]["capacity"] == "spot"
+    # Re-planning from the written status with the pod not yet in the cache creates the same pod name.
+    again = step(r, [], timedelta(seconds=1))
+    assert [o["metadata"]["name"] for o in again.create if o["kind"] == "Pod"] == ["demo-0"]
+
+
+def test_pending_unscheduled_is_waiting_for_capacity_not_idle() -> None:
+    r = run(idle={"timeout": "1m"})
+    step(r, [], timedelta(0))
+    pod = pod_for(r)
+    pod["status"]["conditions"] = [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/4 nodes are available"}
+    ]
+    step(r, [pod], timedelta(seconds=5))
+    p = step(r, [pod], timedelta(hours=3))
+    assert r["status"]["phase"] == "Pending"
+    assert cond(r, "WaitingForCapacity")["status"] == "True"
+    assert r["status"]["waitingForCapacitySince"] == iso(T0 + timedelta(seconds=5))
+    assert not p.stop_pods
+
+
+def test_running_accrues_cost_from_node_price() -> None:
+    r = run()
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "spot-1", T0)
+    r["status"]["progress"] = progress(50, 1000, T0 + timedelta(hours=2))
+    step(r, [pod], timedelta(hours=2))
+    c = r["status"]["cost"]
+    assert r["status"]["phase"] == "Running"
+    assert c["hourlyRateUSD"] == pytest.approx(0.39)
+    assert c["accruedUSD"] == pytest.approx(0.78)
+    assert c["remainingUSD"] == pytest.approx(600 - 0.78)
+
+
+def test_budget_exceeded_stops_pod_with_no_go() -> None:
+    r = run(budget={"maxUSD": 1.0})
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "spot-1", T0)
+    r["status"]["progress"] = progress(10, 100, T0 + timedelta(hours=2))
+    p = step(r, [pod], timedelta(hours=2, minutes=34))  # 2.567 h x 0.39 = $1.001
+    assert ("demo-0", "BudgetExceeded") in p.stop_pods
+    assert r["status"]["phase"] == "BudgetExceeded"
+    assert r["status"]["decision"] == "NO-GO"
+    assert "budget" in r["status"]["decisionReason"]
+    assert cond(r, "BudgetExceeded")["status"] == "True"
+
+
+def test_budget_warning_and_wakeup_at_crossing() -> None:
+    r = run(budget={"maxUSD": 1.0, "warnAtFraction": 0.5})
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "spot-1", T0)
+    r["status"]["progress"] = progress(10, 100, T0 + timedelta(hours=1, minutes=30))
+    p = step(r, [pod], timedelta(hours=1, minutes=30))  # $0.585
+    assert cond(r, "BudgetWarning")["status"] == "True"
+    assert any(e.reason == "BudgetWarning" for e in p.events)
+    # Wakes up when the budget is reached: (1 - 0.585) / 0.39 h = 3830.8 s.
+    assert p.requeue_after == pytest.approx(min(SETTINGS.resync_seconds, 3830.77), rel=1e-3)
+
+
+def test_projected_overrun_stops_only_when_enabled() -> None:
+    for enabled in (False, True):
+        r = run(budget={"maxUSD": 10.0, "stopOnProjectedOverrun": enabled})
+        step(r, [], timedelta(0))
+        pod = running(pod_for(r), "spot-1", T0)
+        # 8 samples/step, 0.008 samples/s -> 1000 s/step; 1000 steps left -> 277 h -> $108
+        r["status"]["progress"] = progress(1, 1001, T0 + timedelta(minutes=10), samplesPerSecond=0.008)
+        step(r, [pod], timedelta(minutes=10))
+        assert r["status"]["cost"]["projectedTotalUSD"] > 10
+        assert (r["status"]["phase"] == "BudgetExceeded") is enabled
+
+
+def test_idle_on_stale_heartbeat_low_gpu_and_no_progress() -> None:
+    # stale heartbeat
+    r = run(idle={"timeout": "10m"})
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "spot-1", T0)
+    r["status"]["progress"] = progress(5, 100, T0 + timedelta(minutes=1))
+    step(r, [pod], timedelta(minutes=5))
+    assert r["status"]["phase"] == "Running"
+    p = step(r, [pod], timedelta(minutes=11, seconds=1))
+    assert r["status"]["phase"] == "IdleStopped"
+    assert cond(r, "Idle")["reason"] == "HeartbeatStale"
+    assert ("demo-0", "Idle") in p.stop_pods
+
+    # low GPU utilisation with fresh heartbeats and advancing steps
+    r = run(idle={"timeout": "10m", "minGpuUtilization": 0.5})
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "spot-1", T0)
+    for minute in range(0, 12):
+        r["status"]["progress"] = progress(minute + 1, 100, T0 + timedelta(minutes=minute), gpuUtilization=0.1)
+        step(r, [pod], timedelta(minutes=minute))
+    assert r["status"]["phase"] == "IdleStopped"
+    assert cond(r, "Idle")["reason"] == "LowGpuUtilization"
+
+    # step stuck while heartbeats continue
+    r = run(idle={"timeout": "10m"})
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "spot-1", T0)
+    for minute in range(0, 12):
+        r["status"]["progress"] = progress(7, 100, T0 + timedelta(minutes=minute), gpuUtilization=0.9)
+        step(r, [pod], timedelta(minutes=minute))
+    assert r["status"]["phase"] == "IdleStopped"
+    assert cond(r, "Idle")["reason"] == "NoProgress"
+
+
+@pytest.mark.parametrize(
+    "disrupt",
+    ["DisruptionTarget", "NodeDeleted", "Evicted", "PodDeleted"],
+)
+def test_interruption_recreates_pod_without_using_failure_budget(disrupt: str) -> None:
+    r = run(failures={"maxRetries": 0}, spot={"backoffSeconds": 10})
+    r["status"]["lastCheckpoint"] = {
+        "uri": "s3://ml-runs/demo/checkpoints/step-000000100/manifest.json",
+        "step": 100,
+        "digest": "sha256:ab",
+        "time": iso(T0),
+    }
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "spot-1", T0)
+    missing: set[str] = set()
+    if disrupt == "DisruptionTarget":
+        pod = terminated(pod, 143, T0 + timedelta(hours=1), reason="Error")
+        pod["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"})
+    elif disrupt == "NodeDeleted":
+        missing = {"spot-1"}
+    elif disrupt == "Evicted":
+        pod["status"] = {"phase": "Failed", "reason": "Evicted", "message": "node low on memory", "startTime": iso(T0)}
+    else:
+        pod["metadata"]["deletionTimestamp"] = iso(T0 + timedelta(hours=1))
+    p = step(r, [pod], timedelta(hours=1), missing)
+    assert r["status"]["interruptions"] == 1
+    assert r["status"]["failures"] == 0
+    assert r["status"]["incarnation"] == 1
+    assert r["status"]["phase"] == "Pending"
+    assert any(e.reason == "Interrupted" for e in p.events)
+    # Backoff respected, then the new pod resumes from the last checkpoint.
+    assert not step(r, [pod], timedelta(hours=1, seconds=5), missing).create
+    p = step(r, [pod], timedelta(hours=1, seconds=11), missing)
+    new = [o for o in p.create if o["kind"] == "Pod"]
+    assert [o["metadata"]["name"] for o in new] == ["demo-1"]
+    env = {e["name"]: e.get("value") for e in new[0]["spec"]["containers"][0]["env"]}
+    assert env["FERMATA_RESUME_FROM"].endswith("step-000000100/manifest.json")
+    # Counted once: replanning does not count it again.
+    step(r, [pod], timedelta(hours=1, seconds=12), missing)
+    assert r["status"]["interruptions"] == 1
+
+
+def test_failure_uses_failure_budget_then_fails_with_reason() -> None:
+    r = run(failures={"maxRetries": 1, "backoffSeconds": 0})
+    step(r, [], timedelta(0))
+    pod0 = terminated(running(pod_for(r), "od-1", T0), 1, T0 + timedelta(minutes=3))
+    step(r, [pod0], timedelta(minutes=3))
+    assert (r["status"]["failures"], r["status"]["interruptions"], r["status"]["phase"]) == (1, 0, "Pending")
+    step(r, [pod0], timedelta(minutes=3, seconds=1))
+    pod1 = terminated(running(pod_for(r, 1), "od-1", T0 + timedelta(minutes=4)), 137, T0 + timedelta(minutes=5), reason="OOMKilled")
+    step(r, [pod0, pod1], timedelta(minutes=5))
+    assert r["status"]["phase"] == "Failed"
+    assert r["status"]["failures"] == 2
+    assert "OOMKilled" in r["status"]["message"]
+    assert cond(r, "Failed")["reason"] == "OOMKilled"
+
+
+def test_config_error_exit_code_fails_without_retry() -> None:
+    r = run(failures={"maxRetries": 5})
+    step(r, [], timedelta(0))
+    pod = terminated(running(pod_for(r), "od-1", T0), 2, T0 + timedelta(minutes=1))
+    step(r, [pod], timedelta(minutes=1))
+    assert r["status"]["phase"] == "Failed"
+    assert r["status"]["failures"] == 0
+
+
+def test_missing_secret_is_a_clear_condition() -> None:
+    r = run()
+    step(r, [], timedelta(0))
+    pod = pod_for(r)
+    pod["spec"]["nodeName"] = "spot-1"
+    pod["status"] = {
+        "phase": "Pending",
+        "containerStatuses": [
+            {"name": "trainer", "state": {"waiting": {"reason": "CreateContainerConfigError", "message": 'secret "s3-creds" not found'}}}
+        ],
+    }
+    step(r, [pod], timedelta(seconds=30))
+    assert r["status"]["phase"] == "Failed"
+    assert 'secret "s3-creds" not found' in r["status"]["message"]
+
+
+def test_fallback_to_on_demand_after_n_interruptions() -> None:
+    r = run(spot={"maxInterruptions": 5, "fallbackToOnDemandAfter": 2, "backoffSeconds": 0})
+    pods: list[dict[str, Any]] = []
+    t = timedelta(0)
+    for i in range(3):
+        p = step(r, pods, t)
+        created = next(o for o in p.create if o["kind"] == "Pod")
+        terms = created["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        capacity = terms[0]["matchExpressions"][0]["values"][0]
+        assert capacity == ("spot" if i < 2 else "on-demand")
+        created["status"] = {}
+        pod = running(created, "spot-1" if i < 2 else "od-1", T0 + t)
+        pods.append(pod)
+        t += timedelta(minutes=10)
+        if i < 2:
+            pod["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"})
+            pod["metadata"]["deletionTimestamp"] = iso(T0 + t)
+            step(r, pods, t)
+            t += timedelta(seconds=1)
+    assert r["status"]["capacity"] == "on-demand"
+    assert r["status"]["interruptions"] == 2
+
+
+def test_too_many_interruptions_fail_the_run() -> None:
+    r = run(spot={"maxInterruptions": 1, "fallbackToOnDemandAfter": 0, "backoffSeconds": 0})
+    pods: list[dict[str, Any]] = []
+    t = timedelta(0)
+    for i in range(2):
+        p = step(r, pods, t)
+        created = next(o for o in p.create if o["kind"] == "Pod")
+        pod = running(created, "spot-1", T0 + t)
+        pod["metadata"]["deletionTimestamp"] = iso(T0 + t + timedelta(minutes=1))
+        pods.append(pod)
+        t += timedelta(minutes=2)
+        step(r, pods, t)
+        t += timedelta(seconds=1)
+        assert r["status"]["interruptions"] == i + 1
+    assert r["status"]["phase"] == "Failed"
+    assert cond(r, "Failed")["reason"] == "TooManyInterruptions"
+
+
+def test_termination_notice_requests_checkpoint_once() -> None:
+    r = run()
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "spot-2", T0)
+    NODES["spot-2"] = node("spot-2", taints=[{"key": "aws-node-termination-handler/spot-itn", "effect": "NoSchedule"}])
+    try:
+        p = step(r, [pod], timedelta(minutes=1))
+        req = r["status"]["control"]["checkpointRequest"]
+        assert req["reason"] == "interruption" and req["id"] == "demo-0-termination-notice"
+        assert any(e.reason == "TerminationNotice" for e in p.events)
+        p = step(r, [pod], timedelta(minutes=2))
+        assert not any(e.reason == "TerminationNotice" for e in p.events)
+    finally:
+        del NODES["spot-2"]
+
+
+@pytest.mark.parametrize(
+    ("val_loss", "auth", "expected", "phase"),
+    [(3.2, 0.40, "GO", "Running"), (3.6, 0.40, "CONDITIONAL-GO", "Running"), (4.5, 0.20, "NO-GO", "Stopped")],
+)
+def test_gate_decisions(val_loss: float, auth: float, expected: str, phase: str) -> None:
+    gate = {
+        "name": "week-5",
+        "at": {"elapsed": "35d"},
+        "require": {"minAuthenticity": 0.35, "maxValidationLoss": 3.5, "maxCostUSD": 600},
+        "margin": 0.05,
+    }
+    r = run(gates=[gate], budget={"maxUSD": 1000}, idle={"timeout": "1000h"})
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "spot-1", T0)
+    r["status"]["progress"] = progress(500, 1000, T0 + timedelta(days=34), validationLoss=val_loss, authenticity=auth)
+    step(r, [pod], timedelta(days=34))
+    assert r["status"].get("gates", []) == []
+    r["status"]["progress"]["heartbeatTime"] = iso(T0 + timedelta(days=35))
+    p = step(r, [pod], timedelta(days=35, seconds=1))
+    assert r["status"]["decision"] == expected
+    outcome = r["status"]["gates"][0]
+    assert outcome["name"] == "week-5" and outcome["evidence"]["validationLoss"] == val_loss
+    assert r["status"]["phase"] == phase
+    assert (("demo-0", "GateNoGo") in p.stop_pods) is (expected == "NO-GO")
+
+
+def test_completion_gives_final_decision_and_releases_finalizer() -> None:
+    r = run(gates=[{"name": "final-quality", "at": {"step": 10**6}, "require": {"maxValidationLoss": 3.5}}])
+    step(r, [], timedelta(0))
+    pod = terminated(running(pod_for(r), "spot-1", T0), 0, T0 + timedelta(hours=1))
+    r["status"]["progress"] = progress(1000, 1000, T0 + timedelta(hours=1), validationLoss=3.1)
+    p = step(r, [pod], timedelta(hours=1, seconds=5))
+    assert r["status"]["phase"] == "Succeeded"
+    assert r["status"]["decision"] == "GO"
+    assert r["status"]["gates"][-1]["name"] == "final"
+    assert p.release_finalizers == ["demo-0"]
+    assert r["status"]["cost"]["accruedUSD"] == pytest.approx(0.39)
+    assert r["status"]["cost"]["segments"][0]["end"]
+
+
+def test_suspend_then_resume_keeps_cost_history() -> None:
+    r = run()
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "spot-1", T0)
+    step(r, [pod], timedelta(hours=1))
+    r["spec"]["suspend"] = True
+    p = step(r, [pod], timedelta(hours=1))
+    assert ("demo-0", "Suspended") in p.stop_pods
+    assert r["status"]["phase"] == "Suspended"
+    pod = terminated(pod, 0, T0 + timedelta(hours=1, minutes=1), phase="Failed")
+    pod["metadata"]["annotations"][STOP_REASON_ANNOTATION] = "Suspended"
+    pod["metadata"]["deletionTimestamp"] = iso(T0 + timedelta(hours=1, minutes=1))
+    p = step(r, [pod], timedelta(hours=2))
+    assert p.release_finalizers == ["demo-0"]
+    accrued = r["status"]["cost"]["accruedUSD"]
+    assert accrued == pytest.approx(0.39 * (61 / 60), rel=1e-3)
+    r["spec"]["suspend"] = False
+    p = step(r, [pod], timedelta(hours=3))
+    assert [o["metadata"]["name"] for o in p.create if o["kind"] == "Pod"] == ["demo-1"]
+    assert r["status"]["cost"]["accruedUSD"] == pytest.approx(accrued)
+    assert r["status"]["interruptions"] == 0 and r["status"]["failures"] == 0
+
+
+def test_restart_recomputes_same_cost_from_pod_facts() -> None:
+    r = run()
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "spot-1", T0)
+    step(r, [pod], timedelta(minutes=30))
+    # A fresh planner (operator restart) with the same facts gets the same figure.
+    fresh = run(status=dict(r["status"]))
+    step(fresh, [pod], timedelta(minutes=30))
+    assert fresh["status"]["cost"]["accruedUSD"] == r["status"]["cost"]["accruedUSD"]
+    # A closed segment is never recounted when the pod is seen again.
+    ended = terminated(pod, 143, T0 + timedelta(minutes=40))
+    ended["metadata"]["annotations"][STOP_REASON_ANNOTATION] = "superseded"
+    step(r, [ended], timedelta(minutes=50))
+    step(r, [ended], timedelta(minutes=70))
+    assert r["status"]["cost"]["accruedUSD"] == pytest.approx(0.39 * 40 / 60, rel=1e-4)
+
+
+def test_invalid_spec_is_a_condition_not_a_crash() -> None:
+    r = run()
+    r["spec"]["training"] = {"batchSize": "eight"}
+    p = step(r, [], timedelta(0))
+    assert not p.create
+    assert cond(r, "Accepted")["status"] == "False"
+    assert "batchSize" in cond(r, "Accepted")["message"]
+    assert p.requeue_after is None
+
+
+def test_unknown_price_is_reported() -> None:
+    r = run()
+    r["spec"]["resources"]["instanceTypes"] = ["x9.mega"]
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "weird", T0)
+    NODES["weird"] = node("weird", instance_type="x9.mega")
+    try:
+        step(r, [pod], timedelta(minutes=5))
+    finally:
+        del NODES["weird"]
+    assert cond(r, "Accepted")["reason"] == "UnknownPrice"
+    assert "x9.mega" in cond(r, "Accepted")["message"]
+
+
+def test_finalizer_kept_while_pod_runs() -> None:
+    r = run()
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "spot-1", T0)
+    assert POD_FINALIZER in pod["metadata"]["finalizers"]
+    assert step(r, [pod], timedelta(minutes=1)).release_finalizers == []
+
+
+def test_status_changed_rate_limits_cost_only_updates() -> None:
+    r = run()
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "spot-1", T0)
+    step(r, [pod], timedelta(minutes=1))
+    old = dict(r["status"])
+    new_plan = plan(
+        Observed(run=r, pods=[pod], nodes=NODES, missing_nodes=set(), prices=cost.PriceTable(), now=T0 + timedelta(minutes=1, seconds=5)),
+        SETTINGS,
+    )
+    assert not status_changed(old, new_plan.status, 30.0, T0 + timedelta(minutes=1, seconds=5))
+    assert status_changed(old, new_plan.status, 30.0, T0 + timedelta(minutes=2))
+    TrainingRunStatus.model_validate(new_plan.status)

@@ -1,0 +1,76 @@
+"""The trainer pod: placement, resources, config passing and the `restricted` security level."""
+
+from __future__ import annotations
+
+import json
+
+from fermata_operator import podspec
+from fermata_operator.api import CapacityType, TrainingRunSpec
+from fermata_operator.settings import POD_FINALIZER, OperatorSettings
+from fermata_trainer.contract import TrainerConfig
+
+from tests.operator.factories import run
+
+
+def _pod(capacity: CapacityType = CapacityType.spot, **overrides: object) -> dict:
+    r = run(**overrides)  # type: ignore[arg-type]
+    s = TrainingRunSpec.model_validate(r["spec"])
+    return podspec.trainer_pod(r, s, OperatorSettings(), incarnation=3, capacity=capacity, resume_from="s3://x/m.json")
+
+
+def test_spot_placement_resources_and_grace() -> None:
+    pod = _pod(resources={"gpus": 2, "instanceTypes": ["g5.2xlarge", "g4dn.2xlarge"]})
+    spec = pod["spec"]
+    terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    exprs = {e["key"]: e["values"] for t in terms for e in t["matchExpressions"]}
+    assert exprs["karpenter.sh/capacity-type"] == ["spot"]
+    assert exprs["eks.amazonaws.com/capacityType"] == ["SPOT"]
+    assert exprs["node.kubernetes.io/instance-type"] == ["g5.2xlarge", "g4dn.2xlarge"]
+    keys = {t["key"] for t in spec["tolerations"]}
+    assert {"nvidia.com/gpu", "karpenter.sh/capacity-type", "eks.amazonaws.com/capacityType"} <= keys
+    res = spec["containers"][0]["resources"]
+    assert res["limits"]["nvidia.com/gpu"] == "2" and res["requests"]["nvidia.com/gpu"] == "2"
+    assert spec["terminationGracePeriodSeconds"] >= 120
+    assert spec["restartPolicy"] == "Never"
+    assert pod["metadata"]["name"] == "demo-3"
+    assert pod["metadata"]["ownerReferences"][0]["controller"] is True
+    assert POD_FINALIZER in pod["metadata"]["finalizers"]
+
+
+def test_on_demand_pod_has_no_spot_toleration() -> None:
+    spec = _pod(CapacityType.on_demand)["spec"]
+    terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms[0]["matchExpressions"][0]["values"] == ["on-demand"]
+    assert "karpenter.sh/capacity-type" not in {t["key"] for t in spec["tolerations"]}
+
+
+def test_restricted_security_context() -> None:
+    spec = _pod()["spec"]
+    psc = spec["securityContext"]
+    assert psc["runAsNonRoot"] is True and psc["seccompProfile"]["type"] == "RuntimeDefault"
+    csc = spec["containers"][0]["securityContext"]
+    assert csc["allowPrivilegeEscalation"] is False
+    assert csc["capabilities"]["drop"] == ["ALL"]
+    assert all("hostPath" not in v for v in spec["volumes"])
+
+
+def test_config_and_credentials_are_passed_explicitly() -> None:
+    r = run()
+    s = TrainingRunSpec.model_validate(r["spec"])
+    cm = podspec.config_map(r, s, OperatorSettings())
+    cfg = TrainerConfig.model_validate(json.loads(cm["data"]["trainer.json"]))
+    assert cfg.run.name == "demo" and cfg.storage.checkpoints == "s3://ml-runs/demo/"
+    env = _pod()["spec"]["containers"][0]["env"]
+    secret_refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in env if "secretKeyRef" in e.get("valueFrom", {})}
+    assert secret_refs["AWS_ACCESS_KEY_ID"] == "s3-creds"
+    assert not any("value" in e and "SECRET" in e["name"] for e in env)
+    assert {e["name"]: e.get("value") for e in env}["FERMATA_RESUME_FROM"] == "s3://x/m.json"
+
+
+def test_trainer_rbac_is_scoped_to_its_own_run() -> None:
+    sa, role, binding = podspec.trainer_rbac(run())
+    assert sa["kind"] == "ServiceAccount"
+    for rule in role["rules"]:
+        assert rule["resourceNames"] == ["demo"]
+        assert set(rule["verbs"]) <= {"get", "patch"}
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
