@@ -8,7 +8,7 @@ Usage::
 Pydantic's JSON Schema is turned into a *structural* OpenAPI v3 schema as the API server
 wants it: ``$ref`` inlined, ``Optional[X]`` reduced to ``X`` (absent rather than null),
 JSON-Schema-2020 exclusive bounds rewritten to OpenAPI 3.0 form, titles dropped, and nested
-objects with defaults given ``default: {}`` so the API server fills their inner defaults.
+objects built by default get their defaulted value as ``default``.
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ def _object_defaults(model: type[BaseModel], schema: dict[str, Any]) -> None:
         if field.default_factory is not None and "default" not in prop:
             value = field.default_factory()  # type: ignore[call-arg]
             if isinstance(value, BaseModel):
-                prop["default"] = {}
+                # The whole defaulted object: valid against its own CEL rules.
+                prop["default"] = value.model_dump(mode="json", by_alias=True, exclude_none=True)
             elif isinstance(value, list | dict):
                 prop["default"] = (
                     [v.value if hasattr(v, "value") else v for v in value]
