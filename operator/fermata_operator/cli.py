@@ -18,7 +18,6 @@ def _operator(args: argparse.Namespace) -> int:
     from fermata_operator.logging_setup import configure
 
     configure()
-    kopf.configure(verbose=False)
     kopf.run(
         standalone=args.peering is None,
         peering_name=args.peering,

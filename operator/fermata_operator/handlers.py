@@ -98,14 +98,15 @@ async def pod_changed(
     run = labels[LABEL_RUN]
     if namespace is None:
         return
-    if (namespace, run) in _WAKERS:
-        _wake(namespace, run)
-        return
     meta = body.get("metadata") or {}
     if meta.get("deletionTimestamp") and POD_FINALIZER in (meta.get("finalizers") or []):
+        # A pod on its way out: its run's loop records its cost and releases it — unless the
+        # run is gone or going, in which case there is nothing left to bill.
         ctl = _controller(memo)
         if not await asyncio.to_thread(ctl.run_exists, namespace, run):
             await asyncio.to_thread(ctl.release_orphan, dict(body))
+            return
+    _wake(namespace, run)
 
 
 @kopf.on.event("", "v1", "nodes")
@@ -168,11 +169,16 @@ async def run_loop(
                 delay = min(300.0, 2.0**failures)
                 log.exception("reconcile crashed", namespace=namespace, run=name, retry_in=delay)
             wait = ctl.settings.resync_seconds if delay is None else min(delay, ctl.settings.resync_seconds)
+            waiters = {asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())}
             try:
-                await asyncio.wait_for(wake.wait(), timeout=max(0.05, wait))
+                done, _pending = await asyncio.wait(
+                    waiters, timeout=max(0.05, wait), return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                for w in waiters:
+                    w.cancel()
+            if done and not stopped:
                 await asyncio.sleep(0.05)  # let bursts of events settle into one reconcile
-            except TimeoutError:
-                pass
     finally:
         if _WAKERS.get(key) is wake:
             del _WAKERS[key]

@@ -47,3 +47,5 @@ def configure(level: str | None = None, fmt: str | None = None) -> None:
     root.setLevel(lvl)
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
+    # kopf logs every handler call at INFO; keep its warnings and errors only.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)

@@ -14,8 +14,6 @@ import time
 import numpy as np
 import numpy.typing as npt
 import pytest
-from scipy.signal import resample_poly
-
 from fermata_trainer.authenticity import (
     FEATURE_NAMES,
     AuthenticityResult,
@@ -25,6 +23,7 @@ from fermata_trainer.authenticity import (
     frechet_distance,
     score_clips,
 )
+from scipy.signal import resample_poly
 
 SR = 32_000
 SECONDS = 8.0
@@ -231,9 +230,7 @@ def test_scores_and_components_are_in_range(profile: ReferenceProfile) -> None:
         (np.array(["a", "b"]), "dtype"),
     ],
 )
-def test_bad_audio_scores_zero_with_a_reason(
-    clip: Audio, reason: str, profile: ReferenceProfile
-) -> None:
+def test_bad_audio_scores_zero_with_a_reason(clip: Audio, reason: str, profile: ReferenceProfile) -> None:
     result = _score(clip, profile)
     assert result.score == 0.0
     assert result.clips[0].valid is False

@@ -21,12 +21,12 @@ channels)`` — the shorter axis is the channel axis) is
 Components (each in [0, 1])
 ===========================
 **tempo** ``T`` — onset envelope ``o(t)`` = half-wave rectified spectral flux of
-``log1p(100·|X|)``, minus its 0.5 s moving average. Its autocorrelation ``r`` (normalised,
-``r(0) = 1``) is read at fractional lags; for every candidate tempo ``b`` in 50-220 BPM
-(0.5 BPM grid, lag ``L = 60·fps/b``)::
+``log1p(100·|X|/max|X|)`` summed over 0-8 kHz, minus its 0.5 s moving average. Its
+autocorrelation ``r`` (normalised, ``r(0) = 1``) is read at fractional lags; for every candidate
+tempo ``b`` in 50-220 BPM (0.5 BPM grid, lag ``L = 60·fps/b``)::
 
     comb(b)  = mean_{k=1..4} r(k·L)
-    tempo    = argmax_b comb(b) · exp(-0.5·(log2(b/120)/1.0)²)      # mild prior against octave errors
+    tempo    = argmax_b comb(b) · exp(-0.5·(log2(b/120)/1.0)²)   # mild prior vs octave errors
     clarity  = clip((comb(tempo) - 0.10) / (0.40 - 0.10), 0, 1)    # 0 for noise / drones
     band(b)  = 1 if bpm_min <= b <= bpm_max
                else exp(-0.5·(Δ/6)²), Δ = BPM distance to the nearest band edge
@@ -41,13 +41,14 @@ content: ``e(t)`` = STFT power in 20-150 Hz, its floor ``f(t)`` = running 20th p
     share = Σ_t p(t) / Σ_t E_total(t)          # pulsed sub-150 Hz share of all energy
     L     = 1 - exp(-share / 0.10)
 
-**distribution** ``D`` — every valid clip is cut into 1 s segments (0.5 s hop) and each
-segment becomes a 5-dim feature vector (:data:`FEATURE_NAMES`): log2 spectral centroid,
-sub-150 Hz energy ratio in dB, spectral flatness in dB, onset rate (onsets/s) and pulsed share of
-the sub-150 Hz energy. The reference profile stores the reference segments' mean ``μ_r`` and
-standard deviation ``σ_r`` (floored per feature by :data:`FEATURE_STD_FLOOR`, so a homogeneous
-reference does not blow distances up) and the covariance ``Σ_r`` of the standardised features
-``z = (x - μ_r)/σ_r``. Generated segments are standardised the same way and::
+**distribution** ``D`` — every valid clip is cut into 1 s segments (0.5 s hop; segments quieter
+than -60 dB RMS are left out) and each segment becomes a 5-dim feature vector
+(:data:`FEATURE_NAMES`): log2 spectral centroid, sub-150 Hz energy ratio in dB, spectral flatness
+in dB, onset rate (onsets/s) and pulsed share of the sub-150 Hz energy. The reference profile
+stores the reference segments' mean ``μ_r`` and standard deviation ``σ_r`` (floored per feature
+by :data:`FEATURE_STD_FLOOR`, so a homogeneous reference does not blow distances up) and the
+covariance ``Σ_r`` of the standardised features ``z = (x - μ_r)/σ_r``. Generated segments are
+standardised the same way and::
 
     Σ'   = 0.9·Σ + 0.1·diag(Σ) + 1e-3·I                     # shrinkage, for few segments
     FD   = |μ_g - μ_r|² + Tr(Σ'_g + Σ'_r - 2·(Σ'_g Σ'_r)^½)  # Fréchet distance (squared form)
@@ -65,8 +66,18 @@ Each clip also gets its own ``score_i = 0.30·T_i + 0.30·L_i + 0.40·exp(-FD(cl
 ``AuthenticityResult.components`` holds ``tempo``, ``log_drum``, ``distribution`` (the three
 terms above, in [0, 1]) and raw evidence: ``tempo_bpm`` (median over valid clips),
 ``pulse_clarity``, ``low_band_ratio_100hz``, ``low_band_ratio_150hz``, ``low_pulsed_share``,
-``frechet_distance`` and ``valid_fraction``. With no valid clip at all the score is 0 and
-``reason`` says why.
+``frechet_distance`` (absent when no clip is valid) and ``valid_fraction`` (set-level evidence
+is the mean over valid clips unless stated); each :class:`ClipResult` carries the same evidence
+for its clip (no ``valid_fraction``) plus ``low_pulsed_fraction`` (pulsed share of the sub-150 Hz
+energy alone). With no valid clip at all the score is 0 and ``reason`` says why; ``reason`` also
+lists the invalid clips of a partly valid set.
+
+Limitations
+===========
+The constants (clarity thresholds, 0.10 log-drum scale, distance scale 10, weights) were set on
+synthetic audio (``tests/trainer/test_authenticity.py``), not tuned against listeners. Any pulsed
+sub-150 Hz energy counts as log-drum-like, kick drums included; the distribution term, measured
+against real reference clips, is what separates the genre from other bass-heavy music.
 """
 
 from __future__ import annotations
@@ -427,14 +438,17 @@ def _sqrt_psd(m: FloatArray) -> FloatArray:
 
 
 def frechet_distance(
-    mu1: FloatArray, cov1: FloatArray, mu2: FloatArray, cov2: FloatArray
+    mu1: npt.ArrayLike, cov1: npt.ArrayLike, mu2: npt.ArrayLike, cov2: npt.ArrayLike
 ) -> float:
     """Squared-form Fréchet distance between two Gaussians (symmetric, >= 0)."""
-    s1 = _sqrt_psd(cov1)
-    middle = s1 @ cov2 @ s1
+    m1, m2 = np.asarray(mu1, dtype=np.float64), np.asarray(mu2, dtype=np.float64)
+    c1 = np.atleast_2d(np.asarray(cov1, dtype=np.float64))
+    c2 = np.atleast_2d(np.asarray(cov2, dtype=np.float64))
+    s1 = _sqrt_psd(c1)
+    middle = s1 @ c2 @ s1
     eig = np.clip(np.linalg.eigvalsh((middle + middle.T) / 2.0), 0.0, None)
-    diff = mu1 - mu2
-    fd = float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * float(np.sqrt(eig).sum()))
+    diff = m1 - m2
+    fd = float(diff @ diff + np.trace(c1) + np.trace(c2) - 2.0 * float(np.sqrt(eig).sum()))
     return max(fd, 0.0)
 
 
@@ -590,6 +604,7 @@ def score_clips(
                     "low_band_ratio_100hz": a.low_ratio_100,
                     "low_band_ratio_150hz": a.low_ratio_150,
                     "low_pulsed_share": a.low_pulsed_share,
+                    "low_pulsed_fraction": a.low_pulsed_fraction,
                     "frechet_distance": fd,
                 },
             )
@@ -621,14 +636,12 @@ def score_clips(
         "valid_fraction": float(valid_fraction),
     }
     invalid = [c for c in clips if not c.valid]
-    reason = (
-        f"{len(invalid)} of {n} clips invalid: "
-        + "; ".join(f"#{c.index}: {c.reason}" for c in invalid)
-        if invalid
-        else None
-    )
+    set_reason: str | None = None
+    if invalid:
+        listed = "; ".join(f"#{c.index}: {c.reason}" for c in invalid)
+        set_reason = f"{len(invalid)} of {n} clips invalid: {listed}"
     return AuthenticityResult(
-        score=float(np.clip(score, 0.0, 1.0)), components=components, clips=clips, reason=reason
+        score=float(np.clip(score, 0.0, 1.0)), components=components, clips=clips, reason=set_reason
     )
 
 

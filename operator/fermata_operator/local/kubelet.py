@@ -44,7 +44,9 @@ Exec mode contract (what the program sees)
 
 Deletion is handled like a kubelet: when a pod on our nodes gets a ``deletionTimestamp`` its
 process group gets SIGTERM, then SIGKILL after the grace period; the final status is written
-and the pod is deleted with ``gracePeriodSeconds=0`` and a uid precondition. Pods on a node
+and the pod is deleted with ``gracePeriodSeconds=0`` and a uid precondition (it then stays until
+its finalizers are removed). auto/manual pods "exit" on SIGTERM at once: Running ones end Failed
+with exit code 143, never-started ones with 137/``ContainerStatusUnknown``. Pods on a node
 removed with :meth:`LocalKubelet.delete_node` are failed with ``DisruptionTarget``
 (``DeletionByPodGC``) and deleted, as the pod garbage collector does.
 
@@ -121,7 +123,7 @@ class Taint:
         return body
 
 
-SPOT_TAINT = Taint("fermata.dev/spot", "true", "NoSchedule")
+SPOT_TAINT = Taint("karpenter.sh/capacity-type", "spot", "NoSchedule")
 """Carried by the default spot nodes: Fermata's training pods must tolerate it."""
 
 
@@ -311,7 +313,8 @@ class LocalKubelet:
         self._pods: dict[tuple[str, str], JSON] = {}
         self._runtimes: dict[str, _PodRuntime] = {}
         self._logs: dict[tuple[str, str], Path] = {}
-        self._deletions: set[str] = set()
+        self._deletions: set[str] = set()  # pods whose process got SIGTERM
+        self._force_deleted: set[str] = set()  # pods deleted with grace 0 (finalizers may hold)
         self._queue: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self._stop = threading.Event()
         self._synced = threading.Event()
@@ -752,7 +755,24 @@ class LocalKubelet:
             killer = threading.Thread(target=self._kill_after, args=(rt, float(grace)), daemon=True)
             killer.start()
             return
-        self._force_delete(pod["metadata"]["namespace"], pod["metadata"]["name"], uid)
+        with self._lock:
+            if uid in self._force_deleted:
+                return  # waiting for finalizers to be removed
+        phase = (pod.get("status") or {}).get("phase", "Pending")
+        if rt is None and phase not in TERMINAL_PHASES:
+            # Like a kubelet: the pod reaches a terminal phase before it is removed, so that
+            # finalizer holders see how it ended. Fake containers "exit" on SIGTERM.
+            if phase == "Running":
+                final = self._terminated_status(pod, 143, "Error")
+            else:
+                final = self._terminated_status(
+                    pod,
+                    137,
+                    "ContainerStatusUnknown",
+                    "The container could not be located when the pod was terminated",
+                )
+            self._patch_status(pod, final)
+        self._force_delete(meta["namespace"], meta["name"], uid)
 
     def _kill_after(self, rt: _PodRuntime, grace: float) -> None:
         if not rt.done.wait(grace):
@@ -776,6 +796,8 @@ class LocalKubelet:
         except ApiException as exc:
             if exc.status not in (404, 409):
                 raise
+        with self._lock:
+            self._force_deleted.add(uid)
 
     def _gc_pod(self, pod: JSON) -> None:
         """Like the pod GC for pods on a vanished node: DisruptionTarget, Failed, deleted."""
@@ -783,6 +805,8 @@ class LocalKubelet:
         uid = meta["uid"]
         with self._lock:
             rt = self._runtimes.get(uid)
+            if uid in self._force_deleted:
+                return
         if rt is not None:
             rt.deleting = True
             self._signal(rt, signal.SIGKILL)

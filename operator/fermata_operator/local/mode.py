@@ -134,16 +134,15 @@ def serve() -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    cp = LocalControlPlane(d / "cluster")
+    d.mkdir(parents=True, exist_ok=True)
+    crd = d / "crd.yaml"
+    crd.write_text(render_crd())
+    cp = LocalControlPlane(d / "cluster", crds=[crd])
     operator: subprocess.Popen[bytes] | None = None
     kubelet: LocalKubelet | None = None
     try:
         cp.start()
         (d / "kubeconfig").write_text(cp.kubeconfig.read_text())
-        crd = d / "crd.yaml"
-        crd.write_text(render_crd())
-        cp.kubectl("apply", "--server-side", "-f", str(crd), check=True)
-        cp.kubectl("wait", "--for=condition=Established", "crd/trainingruns.fermata.dev", check=True)
         mode = os.environ.get("FERMATA_LOCAL_KUBELET_MODE", "auto")
         venv_bin = Path(sys.executable).parent
         kubelet = LocalKubelet(

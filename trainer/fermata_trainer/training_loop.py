@@ -1,0 +1,825 @@
+"""The fine-tuning run: prepare, tokenize, train, evaluate, checkpoint, report.
+
+One optimizer step = ``gradientAccumulation`` micro-batches of ``batchSize`` cached segments per
+rank: conditions → ``lm.compute_predictions`` → per-codebook cross-entropy under the pattern and
+padding masks, AdamW (β 0.9/0.95) with linear warm-up and cosine decay, gradient clipping.
+bf16 autocast on GPU over float32 weights; float32 on CPU.
+
+Stopping safely: SIGTERM/SIGINT (or the launcher's stop file) only set a flag; the current step
+finishes, a checkpoint is written and the process exits 0. A checkpoint request read from
+``status.control`` is answered the same way (and acknowledged in
+``progress.checkpointRequestAck``), stopping afterwards when it says ``stop``. A resumed run
+restores model, optimizer, scheduler, RNG states and the data position, so it continues with
+exactly the batches and losses the uninterrupted run would have had.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fermata_trainer.batching import BatchPlan, DataPosition
+from fermata_trainer.checkpoints import CheckpointStore, VerifiedCheckpoint, step_dir_name
+from fermata_trainer.codes_cache import CodesCache, CodesDataset
+from fermata_trainer.conditioning import apply_cfg_dropout, cfg_dropout_mask, make_attributes
+from fermata_trainer.contract import (
+    EXIT_STOPPED_WITH_CHECKPOINT,
+    CheckpointRef,
+    CheckpointRequest,
+    PodEnv,
+    Precision,
+    TrainerConfig,
+    TrainerProgress,
+    TrainerState,
+    TrainerStatus,
+    read_control,
+    resolve_mount_path,
+)
+from fermata_trainer.dataset import AudioFetcher, EmptySubsetError, prepare_dataset
+from fermata_trainer.distributed import (
+    DistInfo,
+    any_rank,
+    barrier,
+    broadcast_object,
+    gather_objects,
+    init_distributed,
+)
+from fermata_trainer.evaluation import EvaluationResult, Evaluator
+from fermata_trainer.logging_setup import bind_context, get_logger
+from fermata_trainer.model_loading import LoadedModel, load_model
+from fermata_trainer.optimization import build_optimizer, build_scheduler, codebook_cross_entropy
+from fermata_trainer.reporter import NullReporter, StatusReporter
+from fermata_trainer.storage import Storage, open_storage
+from fermata_trainer.telemetry import GpuMonitor, ProgressBar, TensorBoardSink
+
+log = get_logger(__name__)
+
+STATE_FORMAT_VERSION = 1
+TRAIN_LOSS_WINDOW = 50
+
+
+class LMLoss(nn.Module):
+    """The LM and its loss as one module, so DDP sees the forward pass it must synchronise."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(
+        self, codes: torch.Tensor, valid: torch.Tensor, tokenized: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lm: Any = self.lm
+        conditions = lm.condition_provider(tokenized)
+        out = lm.compute_predictions(codes, [], conditions)
+        mask = out.mask & valid[:, None, :]
+        return codebook_cross_entropy(out.logits, codes, mask)
+
+
+@dataclass
+class RunOutcome:
+    exit_code: int
+    state: TrainerState
+    step: int
+    total_steps: int
+    last_checkpoint: CheckpointRef | None
+    losses: list[float]
+
+
+def _python_rng_state() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state: Any = np.random.get_state(legacy=True)
+    return {
+        "python": _python_rng_state(),
+        "numpy": [
+            str(np_state[0]),
+            torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+class Trainer:
+    """One incarnation of the trainer for a :class:`TrainerConfig`."""
+
+    def __init__(
+        self,
+        config: TrainerConfig,
+        env: PodEnv | None = None,
+        reporter: StatusReporter | None = None,
+        dist: DistInfo | None = None,
+        stop_file: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.env = env or PodEnv()
+        self.dist = dist or DistInfo()
+        self.reporter: StatusReporter = reporter if reporter is not None else NullReporter()
+        self.stop_file = stop_file
+        self.device = torch.device("cpu")
+        self.state = TrainerState.preparing
+        self.step = 0
+        self.total_steps = 0
+        self.epoch = 0
+        self.position = DataPosition()
+        self.losses: list[float] = []
+        self.loss_window: deque[float] = deque(maxlen=TRAIN_LOSS_WINDOW)
+        self.history: list[dict[str, Any]] = []
+        self.baseline: float | None = None
+        self.last_eval: EvaluationResult | None = None
+        self.last_eval_step: int | None = None
+        self.last_checkpoint: CheckpointRef | None = None
+        #: step of the newest checkpoint, known on every rank (only rank 0 holds the ref)
+        self.checkpoint_step: int | None = None
+        self.ack: str | None = None
+        self.pending_request: CheckpointRequest | None = None
+        self.signal_received: str | None = None
+        self.message: str | None = None
+        self._last_report = 0.0
+        self._samples_since_report = 0
+        self._report_clock = time.monotonic()
+        self._samples_per_second: float | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        self.sample_rate = 32000
+        self.gpu: GpuMonitor | None = None
+        self.tensorboard: TensorBoardSink | None = None
+
+    # ================================================================== signals
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.signal_received is None:
+            self.signal_received = name
+            # structlog may be mid-write in the interrupted frame: keep the handler minimal
+        else:  # a second signal: stop waiting for the step to finish
+            signal.signal(signum, signal.SIG_DFL)
+
+    def _install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread (embedded use): no handlers
+                return
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(sig, handler)
+        self._previous_handlers.clear()
+
+    def _stop_requested_locally(self) -> bool:
+        if self.signal_received is not None:
+            return True
+        return self.stop_file is not None and self.stop_file.exists()
+
+    # ================================================================== reporting
+
+    def _progress(self, state: TrainerState) -> TrainerProgress:
+        gpu_util, gpu_mem = self.gpu.snapshot() if self.gpu is not None else (None, None)
+        ev = self.last_eval
+        train_loss = float(sum(self.loss_window) / len(self.loss_window)) if self.loss_window else None
+        return TrainerProgress(
+            state=state,
+            heartbeat_time=datetime.now(UTC),
+            pod_name=self.env.pod_name,
+            step=self.step,
+            total_steps=self.total_steps,
+            epoch=self.epoch,
+            train_loss=_finite(train_loss),
+            validation_loss=_finite(ev.validation_loss) if ev else None,
+            validation_perplexity=_finite(ev.perplexity) if ev else None,
+            baseline_validation_loss=_finite(self.baseline),
+            evaluated_step=ev.step if ev else None,
+            authenticity=ev.authenticity if ev else None,
+            authenticity_components=ev.components if ev else None,
+            samples_per_second=self._samples_per_second,
+            gpu_utilization=gpu_util,
+            gpu_memory_bytes=gpu_mem,
+            checkpoint_request_ack=self.ack,
+            message=self.message,
+        )
+
+    def report(self, state: TrainerState | None = None, message: str | None = None) -> None:
+        """Send the status now (rank 0 only) and pick up any checkpoint request."""
+        if state is not None:
+            self.state = state
+        if message is not None:
+            self.message = message
+        if not self.dist.is_main:
+            return
+        now = time.monotonic()
+        elapsed = now - self._report_clock
+        if self._samples_since_report and elapsed > 0:
+            self._samples_per_second = round(self._samples_since_report / elapsed, 3)
+        self._samples_since_report = 0
+        self._report_clock = now
+        self._last_report = now
+        try:
+            status = TrainerStatus(progress=self._progress(self.state), last_checkpoint=self.last_checkpoint)
+            response = self.reporter.report(status)
+        except Exception as exc:  # reporting never stops training
+            log.warning("status_report_error", error=f"{type(exc).__name__}: {exc}")
+            return
+        if response:
+            request = read_control(response).checkpoint_request
+            if request is not None and request.id != self.ack:
+                if self.pending_request is None or self.pending_request.id != request.id:
+                    log.info(
+                        "checkpoint_requested",
+                        id=request.id,
+                        reason=request.reason,
+                        stop=request.stop,
+                    )
+                self.pending_request = request
+
+    def _heartbeat_due(self) -> bool:
+        return time.monotonic() - self._last_report >= self.config.reporting.heartbeat_seconds
+
+    # ================================================================== setup
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        precision = self.config.training.precision
+        if self.device.type == "cuda" and precision in (Precision.auto, Precision.bf16):
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.device.type == "cpu" and precision is Precision.bf16:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _seed(self) -> None:
+        seed = self.config.training.seed + self.dist.rank
+        random.seed(seed)
+        np.random.seed(seed % (2**32))
+        torch.manual_seed(seed)
+
+    def _prepare_codes(self, storage: Storage, work_dir: Path, model: LoadedModel) -> CodesDataset:
+        cfg = self.config
+        manifest_digest: str | None = None
+        prepared = None
+        if self.dist.is_main:
+            prepared = prepare_dataset(cfg.dataset, storage, work_dir)
+            manifest_digest = prepared.manifest_digest
+        manifest_digest = broadcast_object(self.dist, manifest_digest)
+        assert manifest_digest is not None
+        mirror = open_storage(cfg.storage.cache_uri) if cfg.storage.cache_uri else storage.child("cache")
+        cache = CodesCache(model, manifest_digest, cfg.dataset.segment_seconds, work_dir / "codes", mirror)
+        codes: CodesDataset | None = None
+        if self.dist.is_main:
+            codes = cache.load()
+            if codes is None:
+                assert prepared is not None
+                self.report(TrainerState.tokenizing)
+                last = [time.monotonic()]
+
+                def progress(done: int, total: int) -> None:
+                    if time.monotonic() - last[0] >= cfg.reporting.heartbeat_seconds:
+                        last[0] = time.monotonic()
+                        self.report(message=f"tokenized {done}/{total} clips")
+
+                codes = cache.build(
+                    prepared.entries,
+                    AudioFetcher(work_dir),
+                    self.device,
+                    verify_checksums=cfg.dataset.verify_checksums,
+                    progress=progress,
+                )
+                self.message = None
+        barrier(self.dist)
+        if codes is None:
+            codes = cache.load()
+            if codes is None:
+                raise RuntimeError(f"rank {self.dist.rank}: code cache {cache.key} missing")
+        if len(codes.train) == 0:
+            raise EmptySubsetError("the training split has no segments after tokenization")
+        log.info(
+            "codes_ready",
+            key=codes.key,
+            source=codes.source,
+            train_segments=len(codes.train),
+            validation_segments=len(codes.validation),
+            segment_frames=codes.segment_frames,
+        )
+        return codes
+
+    # ================================================================== checkpoint state
+
+    def _state_payload(self, scheduler: Any, rng: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT_VERSION,
+            "step": self.step,
+            "epoch": self.epoch,
+            "position": {"epoch": self.position.epoch, "index": self.position.index},
+            "total_steps": self.total_steps,
+            "world_size": self.dist.world_size,
+            "scheduler": scheduler.state_dict(),
+            "rng": rng,
+            "losses": list(self.losses),
+            "loss_window": list(self.loss_window),
+            "history": self.history,
+            "baseline": self.baseline,
+            "ack": self.ack,
+            "last_eval": _eval_to_json(self.last_eval),
+            "last_eval_step": self.last_eval_step,
+            "model": self.config.model.base,
+        }
+
+    def _restore(
+        self,
+        files: dict[str, str],
+        lm: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+    ) -> None:
+        lm.load_state_dict(torch.load(files["lm.pt"], map_location=self.device, weights_only=True))
+        optimizer.load_state_dict(
+            torch.load(files["optimizer.pt"], map_location=self.device, weights_only=True)
+        )
+        state = torch.load(files["state.pt"], map_location="cpu", weights_only=True)
+        scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.position = DataPosition(int(state["position"]["epoch"]), int(state["position"]["index"]))
+        self.losses = [float(x) for x in state["losses"]]
+        self.loss_window = deque((float(x) for x in state["loss_window"]), maxlen=TRAIN_LOSS_WINDOW)
+        self.history = list(state["history"])
+        self.baseline = state["baseline"]
+        self.ack = state["ack"]
+        self.last_eval = _eval_from_json(state.get("last_eval"))
+        self.last_eval_step = state.get("last_eval_step")
+        rng_states = state["rng"]
+        if len(rng_states) == self.dist.world_size:
+            _restore_rng(rng_states[self.dist.rank])
+        else:
+            log.warning(
+                "rng_world_size_changed",
+                saved=len(rng_states),
+                now=self.dist.world_size,
+            )
+            _restore_rng(rng_states[0])
+        if int(state.get("world_size", 1)) != self.dist.world_size:
+            log.warning(
+                "world_size_changed",
+                saved=state.get("world_size"),
+                now=self.dist.world_size,
+                note="batches after resume differ from an uninterrupted run",
+            )
+
+    # ================================================================== main
+
+    def run(self) -> RunOutcome:
+        self._install_signal_handlers()
+        try:
+            return self._run()
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            self.report(TrainerState.failed, message=f"{type(exc).__name__}: {exc}"[:1000])
+            raise
+        finally:
+            self._restore_signal_handlers()
+            if self.tensorboard is not None:
+                with contextlib.suppress(Exception):
+                    self.tensorboard.close()
+            if self.gpu is not None:
+                self.gpu.close()
+            with contextlib.suppress(Exception):
+                self.reporter.close()
+
+    def _run(self) -> RunOutcome:
+        cfg = self.config
+        self.device = init_distributed(self.dist)
+        if cfg.gpus == 0 or (cfg.gpus > 0 and self.device.type != "cuda"):
+            if cfg.gpus > 0:
+                log.warning("no_cuda", gpus_requested=cfg.gpus, note="training on CPU")
+            self.device = torch.device("cpu")
+        if self.dist.enabled:
+            bind_context(rank=self.dist.rank)
+        self._seed()
+        work_dir = resolve_mount_path(cfg.work_dir)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        storage = open_storage(cfg.storage.checkpoints)
+        if self.dist.is_main:
+            self.gpu = GpuMonitor()
+        log.info(
+            "trainer_starting",
+            run=cfg.run.name or None,
+            model=cfg.model.base,
+            storage=storage.uri,
+            device=str(self.device),
+            world_size=self.dist.world_size,
+            incarnation=self.env.incarnation,
+            pod=self.env.pod_name,
+        )
+        self.report(TrainerState.preparing)
+
+        model = load_model(cfg.model.base, self.device, work_dir)
+        self.sample_rate = model.sample_rate
+        codes = self._prepare_codes(storage, work_dir, model)
+        train = codes.train
+        if self._stop_requested_locally() and self.dist.is_main:
+            log.info("stopping_before_training", signal=self.signal_received)
+
+        tcfg = cfg.training
+        plan = BatchPlan(
+            len(train), tcfg.batch_size, tcfg.gradient_accumulation, self.dist.world_size, tcfg.seed
+        )
+        self.total_steps = plan.total_steps(tcfg.epochs, tcfg.max_steps)
+        lm: nn.Module = model.lm
+        store = CheckpointStore(storage, cfg.storage.keep_last, work_dir / "checkpoints")
+
+        resumed_files: dict[str, str] | None = None
+        if self.dist.is_main:
+            verified: VerifiedCheckpoint | None = store.resolve_resume(self.env.resume_from)
+            if verified is not None:
+                resumed_files = {k: str(v) for k, v in verified.files.items()}
+                self.last_checkpoint = verified.ref
+        resumed_files = broadcast_object(self.dist, resumed_files)
+
+        loss_module: nn.Module = LMLoss(lm)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            loss_module = DistributedDataParallel(
+                loss_module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            )
+        optimizer = build_optimizer(lm, tcfg.learning_rate, tcfg.weight_decay)
+        scheduler = build_scheduler(optimizer, tcfg.warmup_steps, self.total_steps)
+        if resumed_files is not None:
+            self._restore(resumed_files, lm, optimizer, scheduler)
+            self.checkpoint_step = self.step
+            log.info(
+                "resumed",
+                step=self.step,
+                epoch=self.position.epoch,
+                index=self.position.index,
+                checkpoint=self.last_checkpoint.uri if self.last_checkpoint else None,
+            )
+        lm.train()
+
+        evaluator = Evaluator(
+            model, cfg.evaluation, storage, work_dir, self.device, tcfg.seed, tcfg.batch_size
+        )
+        if self.dist.is_main:
+            self.tensorboard = TensorBoardSink(work_dir / "tensorboard", storage.child("tensorboard"))
+
+        log.info(
+            "training_plan",
+            train_segments=len(train),
+            steps_per_epoch=plan.steps_per_epoch,
+            total_steps=self.total_steps,
+            start_step=self.step,
+            samples_per_step=plan.samples_per_step,
+        )
+
+        if resumed_files is None and self.step == 0 and not self._stop_requested_locally():
+            self._evaluate(evaluator, codes, baseline=True)
+        if self.state is not TrainerState.training:
+            self.report(TrainerState.training)
+
+        bar = ProgressBar(self.total_steps, self.step) if self.dist.is_main else None
+        try:
+            outcome = self._loop(plan, codes, lm, loss_module, optimizer, scheduler, store, evaluator, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        return outcome
+
+    def _loop(
+        self,
+        plan: BatchPlan,
+        codes: CodesDataset,
+        lm: nn.Module,
+        loss_module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        store: CheckpointStore,
+        evaluator: Evaluator,
+        bar: ProgressBar | None,
+    ) -> RunOutcome:
+        tcfg = self.config.training
+        while True:
+            stop_local = self._stop_requested_locally()
+            request = self.pending_request
+            stop, requested, request_stop = any_rank(
+                self.dist,
+                [stop_local, request is not None, bool(request and request.stop)],
+                self.device,
+            )
+            if stop or requested:
+                reason = "signal" if stop else "request"
+                self._checkpoint(store, lm, optimizer, scheduler, reason, request)
+                if stop or request_stop:
+                    why = self.signal_received or (
+                        f"checkpoint request {request.id}" if request else "stop file"
+                    )
+                    self.report(TrainerState.stopped, message=f"stopped after step {self.step}: {why}")
+                    log.info("trainer_stopped", step=self.step, reason=why)
+                    return self._outcome(EXIT_STOPPED_WITH_CHECKPOINT, TrainerState.stopped)
+                self.report(TrainerState.training)
+
+            if self.step >= self.total_steps:
+                break
+
+            started = time.monotonic()
+            loss, grad_norm = self._train_step(plan, codes, lm, loss_module, optimizer, scheduler)
+            self.step += 1
+            self.epoch = self.position.epoch
+            self.position = plan.advance(self.position)
+            self.losses.append(loss)
+            self.loss_window.append(loss)
+            self._samples_since_report += plan.samples_per_step
+            if self.gpu is not None:
+                self.gpu.sample()
+            lr = float(scheduler.get_last_lr()[0])
+            if self.dist.is_main:
+                log.info(
+                    "train_step",
+                    step=self.step,
+                    epoch=self.epoch,
+                    loss=loss,
+                    lr=lr,
+                    grad_norm=grad_norm,
+                    seconds=round(time.monotonic() - started, 4),
+                )
+                if self.tensorboard is not None:
+                    self.tensorboard.scalars(
+                        self.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm}
+                    )
+                if bar is not None:
+                    bar.update(self.step, loss)
+
+            if self.step % tcfg.evaluate_every_steps == 0:
+                self._evaluate(evaluator, codes)
+            if self.step % tcfg.checkpoint_every_steps == 0:
+                try:
+                    self._checkpoint(store, lm, optimizer, scheduler, "periodic", None)
+                except Exception as exc:  # the next periodic (or final) checkpoint retries
+                    log.error("checkpoint_failed", step=self.step, error=f"{type(exc).__name__}: {exc}")
+                self.report(TrainerState.training)
+            elif self._heartbeat_due():
+                self.report(TrainerState.training)
+
+        # completed
+        if self.last_eval_step != self.step:
+            self._evaluate(evaluator, codes)
+        if self.checkpoint_step != self.step:
+            self._checkpoint(store, lm, optimizer, scheduler, "final", None)
+        if self.tensorboard is not None:
+            self.tensorboard.sync()
+        self.report(TrainerState.completed, message=f"completed {self.step} steps")
+        log.info(
+            "trainer_completed",
+            step=self.step,
+            train_loss=self.losses[-1] if self.losses else None,
+            validation_loss=self.last_eval.validation_loss if self.last_eval else None,
+            baseline_validation_loss=self.baseline,
+        )
+        return self._outcome(0, TrainerState.completed)
+
+    def _outcome(self, code: int, state: TrainerState) -> RunOutcome:
+        return RunOutcome(code, state, self.step, self.total_steps, self.last_checkpoint, list(self.losses))
+
+    # ================================================================== one step
+
+    def _train_step(
+        self,
+        plan: BatchPlan,
+        codes: CodesDataset,
+        lm: nn.Module,
+        loss_module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+    ) -> tuple[float, float]:
+        tcfg = self.config.training
+        train = codes.train
+        micro_batches = plan.micro_batches(self.position, self.dist.rank)
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for m, indices in enumerate(micro_batches):
+            batch_codes = train.codes[indices].to(device=self.device, dtype=torch.long)
+            valid = train.masks[indices].to(self.device)
+            drop = cfg_dropout_mask(
+                len(indices),
+                tcfg.cfg_dropout,
+                tcfg.seed,
+                self.step,
+                m * self.dist.world_size + self.dist.rank,
+            )
+            prompts = apply_cfg_dropout([train.prompts[i] for i in indices], drop)
+            attributes = make_attributes(lm, prompts, self.sample_rate)
+            provider: Any = lm.condition_provider
+            tokenized = provider.tokenize(attributes)
+            last = m == len(micro_batches) - 1
+            sync = (
+                contextlib.nullcontext() if last or not self.dist.enabled else loss_module.no_sync()  # type: ignore[operator]
+            )
+            with sync:
+                with self._autocast():
+                    loss, _, _ = loss_module(batch_codes, valid, tokenized)
+                (loss / len(micro_batches)).backward()
+            total += float(loss.detach()) / len(micro_batches)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(lm.parameters(), tcfg.gradient_clip))
+        if math.isfinite(grad_norm):
+            optimizer.step()
+        else:
+            log.warning("non_finite_gradients_skipped", step=self.step + 1, grad_norm=grad_norm)
+            optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            value = torch.tensor([total], device=self.device, dtype=torch.float64)
+            dist.all_reduce(value)
+            total = float(value.item()) / self.dist.world_size
+        return total, grad_norm
+
+    # ================================================================== evaluation
+
+    def _evaluate(self, evaluator: Evaluator, codes: CodesDataset, baseline: bool = False) -> None:
+        if self.dist.is_main:
+            self.report(TrainerState.evaluating)
+            result = evaluator.evaluate(self.step, codes.train, codes.validation, autocast=self._autocast)
+            self.last_eval = result
+            if baseline:
+                self.baseline = result.validation_loss
+            entry = _eval_to_json(result) or {}
+            entry["baseline"] = baseline
+            self.history.append(entry)
+            if self.tensorboard is not None:
+                values: dict[str, float | None] = {
+                    "validation/loss": result.validation_loss,
+                    "validation/perplexity": result.perplexity,
+                    "authenticity/score": result.authenticity,
+                }
+                for name, value in (result.components or {}).items():
+                    values[f"authenticity/{name}"] = value
+                self.tensorboard.scalars(self.step, values)
+                self.tensorboard.sync()
+            self.report(TrainerState.training)
+        self.last_eval_step = self.step
+        barrier(self.dist)
+
+    # ================================================================== checkpoints
+
+    def _checkpoint(
+        self,
+        store: CheckpointStore,
+        lm: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        reason: str,
+        request: CheckpointRequest | None,
+    ) -> None:
+        previous_ack = self.ack
+        if request is not None:
+            self.ack = request.id  # stored in the checkpoint that answers it
+        rng = gather_objects(self.dist, _rng_state())
+        error: Exception | None = None
+        if self.dist.is_main:
+            try:
+                if self.last_checkpoint is not None and self.last_checkpoint.step == self.step:
+                    log.info(
+                        "checkpoint_current", step=self.step, reason=reason, uri=self.last_checkpoint.uri
+                    )
+                elif self.step == 0:
+                    log.info("checkpoint_skipped_no_progress", reason=reason)
+                else:
+                    self.report(TrainerState.checkpointing)
+                    self._write_checkpoint(store, lm, optimizer, scheduler, reason, rng)
+                if self.tensorboard is not None:
+                    self.tensorboard.sync()
+            except Exception as exc:  # every rank learns of it below, then all raise alike
+                error = exc
+        (failed,) = any_rank(self.dist, [error is not None], self.device)
+        if failed:
+            self.ack = previous_ack  # unanswered: the request stays pending
+            if error is not None:
+                raise error
+            raise RuntimeError(f"checkpoint at step {self.step} failed on rank 0")
+        if request is not None:
+            self.pending_request = None
+        if self.step > 0:
+            self.checkpoint_step = self.step
+
+    def _write_checkpoint(
+        self,
+        store: CheckpointStore,
+        lm: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        reason: str,
+        rng: list[dict[str, Any]],
+    ) -> None:
+        staging = store.local_dir.parent / "staging" / step_dir_name(self.step)
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        files = {
+            "lm.pt": staging / "lm.pt",
+            "optimizer.pt": staging / "optimizer.pt",
+            "state.pt": staging / "state.pt",
+            "metrics.json": staging / "metrics.json",
+        }
+        torch.save(lm.state_dict(), files["lm.pt"])
+        torch.save(optimizer.state_dict(), files["optimizer.pt"])
+        torch.save(self._state_payload(scheduler, rng), files["state.pt"])
+        files["metrics.json"].write_text(
+            json.dumps(
+                {
+                    "step": self.step,
+                    "baselineValidationLoss": self.baseline,
+                    "evaluations": self.history,
+                    "trainLoss": self.losses[-TRAIN_LOSS_WINDOW:],
+                },
+                indent=2,
+            )
+        )
+        try:
+            self.last_checkpoint = store.write(
+                self.step,
+                self.epoch,
+                reason,
+                files,
+                extra={
+                    "model": self.config.model.base,
+                    "runName": self.config.run.name or None,
+                    "incarnation": self.env.incarnation,
+                    "pod": self.env.pod_name,
+                    "checkpointRequestAck": self.ack,
+                },
+            )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        try:
+            store.prune()
+        except Exception as exc:  # pruning is housekeeping: never fatal
+            log.warning("checkpoint_prune_failed", error=f"{type(exc).__name__}: {exc}")
+
+
+def _finite(value: float | None) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _eval_to_json(result: EvaluationResult | None) -> dict[str, Any] | None:
+    if result is None:
+        return None
+    return {
+        "step": result.step,
+        "validationLoss": result.validation_loss,
+        "validationPerplexity": result.perplexity,
+        "authenticity": result.authenticity,
+        "components": result.components,
+        "samples": result.samples_uri,
+        "perCodebook": result.per_codebook,
+        "note": result.note,
+    }
+
+
+def _eval_from_json(data: dict[str, Any] | None) -> EvaluationResult | None:
+    if not data:
+        return None
+    return EvaluationResult(
+        step=int(data["step"]),
+        validation_loss=data.get("validationLoss"),
+        perplexity=data.get("validationPerplexity"),
+        authenticity=data.get("authenticity"),
+        components=data.get("components"),
+        samples_uri=data.get("samples"),
+        per_codebook=list(data.get("perCodebook") or []),
+        note=data.get("note"),
+    )
