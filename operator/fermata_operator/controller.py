@@ -214,19 +214,21 @@ class RunController:
             fins = list(pod.metadata.finalizers or [])
             if POD_FINALIZER not in fins:
                 return
-            fins.remove(POD_FINALIZER)
+            kept = [f for f in fins if f != POD_FINALIZER]
+            # A JSON patch (a strategic merge would *merge* the finalizer list), guarded by a
+            # test so a concurrent change to the list makes us re-read instead of clobbering it.
+            ops = [
+                {"op": "test", "path": "/metadata/finalizers", "value": fins},
+                {"op": "replace", "path": "/metadata/finalizers", "value": kept},
+            ]
             try:
-                self.core.patch_namespaced_pod(
-                    pod_name,
-                    ns,
-                    {"metadata": {"finalizers": fins, "resourceVersion": pod.metadata.resource_version}},
-                    field_manager=OPERATOR_FIELD_MANAGER,
-                )
+                self.core.patch_namespaced_pod(pod_name, ns, ops, field_manager=OPERATOR_FIELD_MANAGER)
+                log.debug("finalizer released", namespace=ns, pod=pod_name)
                 return
             except ApiException as exc:
                 if exc.status == 404:
                     return
-                if exc.status != 409:
+                if exc.status not in (409, 422):  # 422: the test op failed (list changed)
                     raise
 
     def post_event(self, run: dict[str, Any], etype: str, reason: str, message: str) -> None:

@@ -34,7 +34,14 @@ def restricted_namespace(namespace: str, k8s_api: Any) -> str:
     """The test namespace, enforcing the `restricted` Pod Security level."""
     client.CoreV1Api(k8s_api).patch_namespace(
         namespace,
-        {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}}},
+        {
+            "metadata": {
+                "labels": {
+                    "pod-security.kubernetes.io/enforce": "restricted",
+                    "pod-security.kubernetes.io/enforce-version": "latest",
+                }
+            }
+        },
     )
     return namespace
 
@@ -145,8 +152,15 @@ class Runs:
         self.core = client.CoreV1Api(api)
 
     def create(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TrainingRun", "metadata": {"name": name}, "spec": spec}
-        obj: dict[str, Any] = self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, body)
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "TrainingRun",
+            "metadata": {"name": name},
+            "spec": spec,
+        }
+        obj: dict[str, Any] = self.custom.create_namespaced_custom_object(
+            GROUP, VERSION, self.ns, PLURAL, body
+        )
         return obj
 
     def get(self, name: str) -> dict[str, Any]:
@@ -160,7 +174,9 @@ class Runs:
         self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name)
 
     def pods(self, name: str) -> list[Any]:
-        items: list[Any] = self.core.list_namespaced_pod(self.ns, label_selector=f"fermata.dev/run={name}").items
+        items: list[Any] = self.core.list_namespaced_pod(
+            self.ns, label_selector=f"fermata.dev/run={name}"
+        ).items
         return items
 
     def status(self, name: str) -> dict[str, Any]:
@@ -190,7 +206,9 @@ def runs(k8s_api: Any, restricted_namespace: str, crd: None) -> Runs:
     return Runs(k8s_api, restricted_namespace)
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.2, what: str = "") -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.2, what: str = ""
+) -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:

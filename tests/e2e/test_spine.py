@@ -69,7 +69,9 @@ def test_operator_killed_and_restarted_keeps_exactly_one_pod(
     operator.start()
     _bound(runs, "restart-0")
     kubelet.set_running(runs.ns, "restart-0")
-    wait_for(lambda: runs.status("restart").get("phase") == "Running", timeout=60, what="Running after restart")
+    wait_for(
+        lambda: runs.status("restart").get("phase") == "Running", timeout=60, what="Running after restart"
+    )
     for _ in range(3):
         operator.kill()
         operator.start()
@@ -93,7 +95,9 @@ def test_pod_failure_fails_the_run_with_the_reason(
     kubelet.set_running(runs.ns, "crash-0")
     wait_for(lambda: runs.status("crash").get("phase") == "Running", timeout=30)
     kubelet.set_failed(runs.ns, "crash-0", exit_code=137, reason="OOMKilled")
-    st = wait_for(lambda: (s := runs.status("crash")).get("phase") == "Failed" and s, timeout=30, what="Failed")
+    st = wait_for(
+        lambda: (s := runs.status("crash")).get("phase") == "Failed" and s, timeout=30, what="Failed"
+    )
     assert "OOMKilled" in st["message"] and "137" in st["message"]
     assert st["failures"] == 1 and st["interruptions"] == 0
     assert st["decision"] == "NO-GO"
@@ -102,7 +106,8 @@ def test_pod_failure_fails_the_run_with_the_reason(
     assert "TrainerFailed" in {e.reason for e in runs.events("crash")}
     # The failed pod's finalizer is released once its cost is recorded.
     wait_for(
-        lambda: "fermata.dev/cost-accounting" not in (runs.core.read_namespaced_pod("crash-0", runs.ns).metadata.finalizers or []),
+        lambda: "fermata.dev/cost-accounting"
+        not in (runs.core.read_namespaced_pod("crash-0", runs.ns).metadata.finalizers or []),
         what="finalizer released",
     )
 
@@ -117,7 +122,8 @@ def test_deleting_the_run_removes_its_pods_through_garbage_collection(
     wait_for(lambda: not runs.exists("gone"), timeout=60, what="run deleted")
     wait_for(lambda: runs.pods("gone") == [], timeout=90, what="pods garbage-collected")
     wait_for(
-        lambda: runs.core.list_namespaced_config_map(runs.ns, label_selector="fermata.dev/run=gone").items == [],
+        lambda: runs.core.list_namespaced_config_map(runs.ns, label_selector="fermata.dev/run=gone").items
+        == [],
         timeout=60,
         what="config map garbage-collected",
     )
@@ -126,16 +132,34 @@ def test_deleting_the_run_removes_its_pods_through_garbage_collection(
 @pytest.mark.parametrize(
     ("patch", "message"),
     [
-        ({"spot": {"maxInterruptions": 2, "fallbackToOnDemandAfter": 5}}, "fallbackToOnDemandAfter must not exceed maxInterruptions"),
+        (
+            {"spot": {"maxInterruptions": 2, "fallbackToOnDemandAfter": 5}},
+            "fallbackToOnDemandAfter must not exceed maxInterruptions",
+        ),
         ({"budget": {"maxUSD": 100, "warnAtFraction": 1.5}}, "warnAtFraction"),
-        ({"gates": [{"name": "w5", "at": {"elapsed": "35d"}, "require": {}}]}, "a gate needs at least one of"),
-        ({"gates": [{"name": "w5", "at": {"elapsed": "35d", "step": 3}, "require": {"maxValidationLoss": 3}}]}, "set exactly one of elapsed, step or epoch"),
-        ({"gates": [{"name": "w5", "at": {"step": 3}, "require": {"maxCostUSD": 900}}]}, "maxCostUSD cannot exceed budget.maxUSD"),
+        (
+            {"gates": [{"name": "w5", "at": {"elapsed": "35d"}, "require": {}}]},
+            "a gate needs at least one of",
+        ),
+        (
+            {
+                "gates": [
+                    {"name": "w5", "at": {"elapsed": "35d", "step": 3}, "require": {"maxValidationLoss": 3}}
+                ]
+            },
+            "set exactly one of elapsed, step or epoch",
+        ),
+        (
+            {"gates": [{"name": "w5", "at": {"step": 3}, "require": {"maxCostUSD": 900}}]},
+            "maxCostUSD cannot exceed budget.maxUSD",
+        ),
         ({"idle": {"timeout": "two hours"}}, "spec.idle.timeout"),
         ({"resources": {"image": "x", "capacity": "reserved"}}, "spec.resources.capacity: Unsupported value"),
     ],
 )
-def test_invalid_specs_are_rejected_with_a_readable_message(runs: Runs, patch: dict[str, Any], message: str) -> None:
+def test_invalid_specs_are_rejected_with_a_readable_message(
+    runs: Runs, patch: dict[str, Any], message: str
+) -> None:
     with pytest.raises(ApiException) as err:
         runs.create("bad", spec(**patch))
     assert err.value.status == 422
@@ -174,7 +198,11 @@ def test_kubectl_columns_explain_and_defaults(
 
 
 def test_trainer_service_account_can_write_only_its_own_status(
-    runs: Runs, operator: OperatorProcess, kubelet: LocalKubelet, k8s_api: Any, control_plane: LocalControlPlane
+    runs: Runs,
+    operator: OperatorProcess,
+    kubelet: LocalKubelet,
+    k8s_api: Any,
+    control_plane: LocalControlPlane,
 ) -> None:
     runs.create("rbac-a", spec())
     runs.create("rbac-b", spec())
@@ -189,10 +217,16 @@ def test_trainer_service_account_can_write_only_its_own_status(
     cfg.api_key = {"authorization": f"Bearer {token}"}
     as_trainer = client.CustomObjectsApi(client.ApiClient(cfg))
     body = {"status": {"progress": {"state": "Training", "heartbeatTime": "2026-01-01T00:00:00Z", "step": 1}}}
-    as_trainer.patch_namespaced_custom_object_status("fermata.dev", "v1alpha1", runs.ns, "trainingruns", "rbac-a", body)
+    as_trainer.patch_namespaced_custom_object_status(
+        "fermata.dev", "v1alpha1", runs.ns, "trainingruns", "rbac-a", body
+    )
     for forbidden in (
-        lambda: as_trainer.patch_namespaced_custom_object_status("fermata.dev", "v1alpha1", runs.ns, "trainingruns", "rbac-b", body),
-        lambda: as_trainer.patch_namespaced_custom_object("fermata.dev", "v1alpha1", runs.ns, "trainingruns", "rbac-a", {"spec": {"suspend": True}}),
+        lambda: as_trainer.patch_namespaced_custom_object_status(
+            "fermata.dev", "v1alpha1", runs.ns, "trainingruns", "rbac-b", body
+        ),
+        lambda: as_trainer.patch_namespaced_custom_object(
+            "fermata.dev", "v1alpha1", runs.ns, "trainingruns", "rbac-a", {"spec": {"suspend": True}}
+        ),
         lambda: client.CoreV1Api(client.ApiClient(cfg)).list_namespaced_secret(runs.ns),
     ):
         with pytest.raises(ApiException) as err:

@@ -49,7 +49,12 @@ def run(name: str = "demo", status: dict[str, Any] | None = None, **spec_overrid
     }
 
 
-def node(name: str, capacity: str = "spot", instance_type: str = "g4dn.xlarge", taints: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def node(
+    name: str,
+    capacity: str = "spot",
+    instance_type: str = "g4dn.xlarge",
+    taints: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     return {
         "metadata": {
             "name": name,
@@ -62,9 +67,13 @@ def node(name: str, capacity: str = "spot", instance_type: str = "g4dn.xlarge", 
     }
 
 
-def pod_for(r: dict[str, Any], incarnation: int = 0, capacity: CapacityType = CapacityType.spot) -> dict[str, Any]:
+def pod_for(
+    r: dict[str, Any], incarnation: int = 0, capacity: CapacityType = CapacityType.spot
+) -> dict[str, Any]:
     s = TrainingRunSpec.model_validate(r["spec"])
-    p = podspec.trainer_pod(r, s, OperatorSettings(), incarnation=incarnation, capacity=capacity, resume_from=None)
+    p = podspec.trainer_pod(
+        r, s, OperatorSettings(), incarnation=incarnation, capacity=capacity, resume_from=None
+    )
     p["metadata"]["creationTimestamp"] = iso(T0)
     p["status"] = {"phase": "Pending"}
     return p
@@ -81,7 +90,9 @@ def running(p: dict[str, Any], node_name: str, started: datetime) -> dict[str, A
     return p
 
 
-def terminated(p: dict[str, Any], exit_code: int, finished: datetime, reason: str = "Error", phase: str | None = None) -> dict[str, Any]:
+def terminated(
+    p: dict[str, Any], exit_code: int, finished: datetime, reason: str = "Error", phase: str | None = None
+) -> dict[str, Any]:
     started = p["status"].get("startTime", iso(finished - timedelta(hours=1)))
     p["status"] = {
         "phase": phase or ("Succeeded" if exit_code == 0 else "Failed"),
@@ -105,4 +116,11 @@ def terminated(p: dict[str, Any], exit_code: int, finished: datetime, reason: st
 
 
 def progress(step: int, total: int, at: datetime, pod: str = "demo-0", **extra: Any) -> dict[str, Any]:
-    return {"state": "Training", "heartbeatTime": iso(at), "podName": pod, "step": step, "totalSteps": total, **extra}
+    return {
+        "state": "Training",
+        "heartbeatTime": iso(at),
+        "podName": pod,
+        "step": step,
+        "totalSteps": total,
+        **extra,
+    }

@@ -18,8 +18,12 @@ SETTINGS = OperatorSettings()
 NODES = {"spot-1": node("spot-1"), "od-1": node("od-1", capacity="on-demand")}
 
 
-def step(r: dict[str, Any], pods: list[dict[str, Any]], at: timedelta, missing: set[str] | None = None) -> Plan:
-    obs = Observed(run=r, pods=pods, nodes=NODES, missing_nodes=missing or set(), prices=cost.PriceTable(), now=T0 + at)
+def step(
+    r: dict[str, Any], pods: list[dict[str, Any]], at: timedelta, missing: set[str] | None = None
+) -> Plan:
+    obs = Observed(
+        run=r, pods=pods, nodes=NODES, missing_nodes=missing or set(), prices=cost.PriceTable(), now=T0 + at
+    )
     result = plan(obs, SETTINGS)
     # Apply the operator-owned status like the controller would (trainer keys survive).
     trainer = {k: v for k, v in (r.get("status") or {}).items() if k in {"progress", "lastCheckpoint"}}
@@ -51,7 +55,12 @@ def test_pending_unscheduled_is_waiting_for_capacity_not_idle() -> None:
     step(r, [], timedelta(0))
     pod = pod_for(r)
     pod["status"]["conditions"] = [
-        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/4 nodes are available"}
+        {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": "0/4 nodes are available",
+        }
     ]
     step(r, [pod], timedelta(seconds=5))
     p = step(r, [pod], timedelta(hours=3))
@@ -129,7 +138,9 @@ def test_idle_on_stale_heartbeat_low_gpu_and_no_progress() -> None:
     step(r, [], timedelta(0))
     pod = running(pod_for(r), "spot-1", T0)
     for minute in range(0, 12):
-        r["status"]["progress"] = progress(minute + 1, 100, T0 + timedelta(minutes=minute), gpuUtilization=0.1)
+        r["status"]["progress"] = progress(
+            minute + 1, 100, T0 + timedelta(minutes=minute), gpuUtilization=0.1
+        )
         step(r, [pod], timedelta(minutes=minute))
     assert r["status"]["phase"] == "IdleStopped"
     assert cond(r, "Idle")["reason"] == "LowGpuUtilization"
@@ -162,11 +173,18 @@ def test_interruption_recreates_pod_without_using_failure_budget(disrupt: str) -
     missing: set[str] = set()
     if disrupt == "DisruptionTarget":
         pod = terminated(pod, 143, T0 + timedelta(hours=1), reason="Error")
-        pod["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"})
+        pod["status"]["conditions"].append(
+            {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet"}
+        )
     elif disrupt == "NodeDeleted":
         missing = {"spot-1"}
     elif disrupt == "Evicted":
-        pod["status"] = {"phase": "Failed", "reason": "Evicted", "message": "node low on memory", "startTime": iso(T0)}
+        pod["status"] = {
+            "phase": "Failed",
+            "reason": "Evicted",
+            "message": "node low on memory",
+            "startTime": iso(T0),
+        }
     else:
         pod["metadata"]["deletionTimestamp"] = iso(T0 + timedelta(hours=1))
     p = step(r, [pod], timedelta(hours=1), missing)
@@ -194,7 +212,12 @@ def test_failure_uses_failure_budget_then_fails_with_reason() -> None:
     step(r, [pod0], timedelta(minutes=3))
     assert (r["status"]["failures"], r["status"]["interruptions"], r["status"]["phase"]) == (1, 0, "Pending")
     step(r, [pod0], timedelta(minutes=3, seconds=1))
-    pod1 = terminated(running(pod_for(r, 1), "od-1", T0 + timedelta(minutes=4)), 137, T0 + timedelta(minutes=5), reason="OOMKilled")
+    pod1 = terminated(
+        running(pod_for(r, 1), "od-1", T0 + timedelta(minutes=4)),
+        137,
+        T0 + timedelta(minutes=5),
+        reason="OOMKilled",
+    )
     step(r, [pod0, pod1], timedelta(minutes=5))
     assert r["status"]["phase"] == "Failed"
     assert r["status"]["failures"] == 2
@@ -219,7 +242,15 @@ def test_missing_secret_is_a_clear_condition() -> None:
     pod["status"] = {
         "phase": "Pending",
         "containerStatuses": [
-            {"name": "trainer", "state": {"waiting": {"reason": "CreateContainerConfigError", "message": 'secret "s3-creds" not found'}}}
+            {
+                "name": "trainer",
+                "state": {
+                    "waiting": {
+                        "reason": "CreateContainerConfigError",
+                        "message": 'secret "s3-creds" not found',
+                    }
+                },
+            }
         ],
     }
     step(r, [pod], timedelta(seconds=30))
@@ -234,7 +265,9 @@ def test_fallback_to_on_demand_after_n_interruptions() -> None:
     for i in range(3):
         p = step(r, pods, t)
         created = next(o for o in p.create if o["kind"] == "Pod")
-        terms = created["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        terms = created["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"
+        ]
         capacity = terms[0]["matchExpressions"][0]["values"][0]
         assert capacity == ("spot" if i < 2 else "on-demand")
         created["status"] = {}
@@ -242,7 +275,9 @@ def test_fallback_to_on_demand_after_n_interruptions() -> None:
         pods.append(pod)
         t += timedelta(minutes=10)
         if i < 2:
-            pod["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"})
+            pod["status"]["conditions"].append(
+                {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}
+            )
             pod["metadata"]["deletionTimestamp"] = iso(T0 + t)
             step(r, pods, t)
             t += timedelta(seconds=1)
@@ -272,7 +307,9 @@ def test_termination_notice_requests_checkpoint_once() -> None:
     r = run()
     step(r, [], timedelta(0))
     pod = running(pod_for(r), "spot-2", T0)
-    NODES["spot-2"] = node("spot-2", taints=[{"key": "aws-node-termination-handler/spot-itn", "effect": "NoSchedule"}])
+    NODES["spot-2"] = node(
+        "spot-2", taints=[{"key": "aws-node-termination-handler/spot-itn", "effect": "NoSchedule"}]
+    )
     try:
         p = step(r, [pod], timedelta(minutes=1))
         req = r["status"]["control"]["checkpointRequest"]
@@ -298,7 +335,9 @@ def test_gate_decisions(val_loss: float, auth: float, expected: str, phase: str)
     r = run(gates=[gate], budget={"maxUSD": 1000}, idle={"timeout": "1000h"})
     step(r, [], timedelta(0))
     pod = running(pod_for(r), "spot-1", T0)
-    r["status"]["progress"] = progress(500, 1000, T0 + timedelta(days=34), validationLoss=val_loss, authenticity=auth)
+    r["status"]["progress"] = progress(
+        500, 1000, T0 + timedelta(days=34), validationLoss=val_loss, authenticity=auth
+    )
     step(r, [pod], timedelta(days=34))
     assert r["status"].get("gates", []) == []
     r["status"]["progress"]["heartbeatTime"] = iso(T0 + timedelta(days=35))
@@ -403,7 +442,14 @@ def test_status_changed_rate_limits_cost_only_updates() -> None:
     step(r, [pod], timedelta(minutes=1))
     old = dict(r["status"])
     new_plan = plan(
-        Observed(run=r, pods=[pod], nodes=NODES, missing_nodes=set(), prices=cost.PriceTable(), now=T0 + timedelta(minutes=1, seconds=5)),
+        Observed(
+            run=r,
+            pods=[pod],
+            nodes=NODES,
+            missing_nodes=set(),
+            prices=cost.PriceTable(),
+            now=T0 + timedelta(minutes=1, seconds=5),
+        ),
         SETTINGS,
     )
     assert not status_changed(old, new_plan.status, 30.0, T0 + timedelta(minutes=1, seconds=5))

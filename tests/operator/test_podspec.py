@@ -15,13 +15,17 @@ from tests.operator.factories import run
 def _pod(capacity: CapacityType = CapacityType.spot, **overrides: object) -> dict:
     r = run(**overrides)  # type: ignore[arg-type]
     s = TrainingRunSpec.model_validate(r["spec"])
-    return podspec.trainer_pod(r, s, OperatorSettings(), incarnation=3, capacity=capacity, resume_from="s3://x/m.json")
+    return podspec.trainer_pod(
+        r, s, OperatorSettings(), incarnation=3, capacity=capacity, resume_from="s3://x/m.json"
+    )
 
 
 def test_spot_placement_resources_and_grace() -> None:
     pod = _pod(resources={"gpus": 2, "instanceTypes": ["g5.2xlarge", "g4dn.2xlarge"]})
     spec = pod["spec"]
-    terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
     exprs = {e["key"]: e["values"] for t in terms for e in t["matchExpressions"]}
     assert exprs["karpenter.sh/capacity-type"] == ["spot"]
     assert exprs["eks.amazonaws.com/capacityType"] == ["SPOT"]
@@ -39,7 +43,9 @@ def test_spot_placement_resources_and_grace() -> None:
 
 def test_on_demand_pod_has_no_spot_toleration() -> None:
     spec = _pod(CapacityType.on_demand)["spec"]
-    terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    terms = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
     assert terms[0]["matchExpressions"][0]["values"] == ["on-demand"]
     assert "karpenter.sh/capacity-type" not in {t["key"] for t in spec["tolerations"]}
 
@@ -61,7 +67,11 @@ def test_config_and_credentials_are_passed_explicitly() -> None:
     cfg = TrainerConfig.model_validate(json.loads(cm["data"]["trainer.json"]))
     assert cfg.run.name == "demo" and cfg.storage.checkpoints == "s3://ml-runs/demo/"
     env = _pod()["spec"]["containers"][0]["env"]
-    secret_refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in env if "secretKeyRef" in e.get("valueFrom", {})}
+    secret_refs = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]["name"]
+        for e in env
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
     assert secret_refs["AWS_ACCESS_KEY_ID"] == "s3-creds"
     assert not any("value" in e and "SECRET" in e["name"] for e in env)
     assert {e["name"]: e.get("value") for e in env}["FERMATA_RESUME_FROM"] == "s3://x/m.json"

@@ -15,7 +15,7 @@ from fermata_trainer.contract import TrainerConfig
 
 from tests.s3_fixture import s3_server  # noqa: F401  (the S3 server fixture)
 from tests.trainer.helpers import tiny_config
-from tests.trainer.synthetic import SyntheticMtat, make_mtat_tree
+from fermata_trainer.synthetic import SyntheticMtat, make_mtat_tree
 
 ConfigFactory = Callable[..., TrainerConfig]
 

@@ -15,7 +15,7 @@ from fermata_trainer.dataset import AudioFetcher, prepare_dataset
 from fermata_trainer.model_loading import build_tiny_musicgen, parse_tiny
 from fermata_trainer.storage import LocalStorage
 
-from tests.trainer.synthetic import SyntheticMtat
+from fermata_trainer.synthetic import SyntheticMtat
 
 pytestmark = pytest.mark.trainer
 

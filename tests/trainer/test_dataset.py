@@ -29,7 +29,7 @@ from fermata_trainer.storage import LocalStorage, open_storage, sha256_file
 
 from tests.s3_fixture import S3Server
 from tests.trainer.helpers import tiny_config, write_config
-from tests.trainer.synthetic import make_manifest, make_mtat_tree, synth_clip, write_annotations
+from fermata_trainer.synthetic import make_manifest, make_mtat_tree, synth_clip, write_annotations
 
 pytestmark = pytest.mark.trainer
 

@@ -23,7 +23,7 @@ from tests.trainer.helpers import (
     trainer_env,
     write_config,
 )
-from tests.trainer.synthetic import SyntheticMtat
+from fermata_trainer.synthetic import SyntheticMtat
 
 pytestmark = [pytest.mark.trainer, pytest.mark.slow]
 

@@ -18,7 +18,7 @@ from fermata_trainer.training_loop import Trainer
 
 from tests.s3_fixture import S3Server
 from tests.trainer.conftest import ConfigFactory
-from tests.trainer.synthetic import SyntheticMtat
+from fermata_trainer.synthetic import SyntheticMtat
 
 pytestmark = pytest.mark.trainer
 

@@ -168,7 +168,10 @@ def serve() -> int:
             if operator.poll() is not None:
                 print(f"operator exited with {operator.returncode}; restarting", flush=True)
                 operator = subprocess.Popen(
-                    [sys.executable, "-m", "fermata_operator"], stdout=op_log, stderr=subprocess.STDOUT, env=env
+                    [sys.executable, "-m", "fermata_operator"],
+                    stdout=op_log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
                 )
             time.sleep(0.5)
         return 0

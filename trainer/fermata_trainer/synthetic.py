@@ -1,4 +1,4 @@
-"""Synthetic MagnaTagATune-like data made by the tests: audio files + annotations_final.csv.
+"""Synthetic MagnaTagATune-like data (for tests and the local demo): audio files + annotations_final.csv.
 
 The CSV has the real layout: TAB-separated, quoted, ``clip_id``, 188 binary tag columns (the
 MagnaTagATune tag names, padded with placeholders if the list here falls short) and ``mp3_path``.
