@@ -134,11 +134,8 @@ def classify(pod: dict[str, Any], node: dict[str, Any] | None, node_known_missin
     taint = node_termination_taint(node)
     notice = disrupted or taint is not None
 
-    if stop_reason and (deleting or phase in {"Failed", "Succeeded"}) and phase != "Succeeded":
+    if stop_reason and (deleting or phase in {"Failed", "Succeeded"}):
         return Outcome(Kind.stopped, "StoppedByOperator", stop_reason, exit_code, False, started, finished)
-
-    if phase == "Succeeded":
-        return Outcome(Kind.succeeded, "Completed", "trainer exited 0", 0, False, started, finished)
 
     interrupted_reason: str | None = None
     if disrupted and disruption is not None:
@@ -149,8 +146,16 @@ def classify(pod: dict[str, Any], node: dict[str, Any] | None, node_known_missin
         interrupted_reason = "NodeDeleted"
     elif taint is not None and (deleting or phase == "Failed"):
         interrupted_reason = f"NodeTerminating({taint})"
-    elif deleting and not stop_reason:
+    elif deleting:
         interrupted_reason = "PodDeleted"
+
+    if phase == "Succeeded":
+        if interrupted_reason and (deleting or disrupted):
+            # The trainer checkpointed on SIGTERM and exited 0: a stop from outside, not the end
+            # of training (the planner double-checks with the trainer's own "Completed" report).
+            msg = f"pod ended by {interrupted_reason} after checkpointing"
+            return Outcome(Kind.interrupted, interrupted_reason, msg, 0, True, started, finished)
+        return Outcome(Kind.succeeded, "Completed", "trainer exited 0", 0, False, started, finished)
 
     if phase == "Failed":
         if interrupted_reason:

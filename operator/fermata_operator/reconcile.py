@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from fermata_trainer.contract import CheckpointRequest, TrainerControl, TrainerProgress
+from fermata_trainer.contract import CheckpointRequest, TrainerControl, TrainerProgress, TrainerState
 from pydantic import ValidationError
 
 from fermata_operator import budget as budget_policy
@@ -523,6 +523,18 @@ def plan(obs: Observed, settings: OperatorSettings) -> Plan:
                     requeue.append(max(1.0, wait))
         p.requeue_after = min(requeue)
         return finish(p)
+
+    if (
+        outcome.kind is Kind.interrupted
+        and outcome.exit_code == 0
+        and st.progress is not None
+        and st.progress.pod_name == current_name
+        and st.progress.state is TrainerState.completed
+    ):
+        # It finished training just as it was being taken away: that is a success.
+        outcome = Outcome(
+            Kind.succeeded, "Completed", "trainer completed", 0, False, outcome.started, outcome.finished
+        )
 
     if outcome.kind is Kind.succeeded:
         metrics = gate_policy.Metrics.of(st.progress, st.cost.accrued_usd)

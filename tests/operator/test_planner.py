@@ -455,3 +455,27 @@ def test_status_changed_rate_limits_cost_only_updates() -> None:
     assert not status_changed(old, new_plan.status, 30.0, T0 + timedelta(minutes=1, seconds=5))
     assert status_changed(old, new_plan.status, 30.0, T0 + timedelta(minutes=2))
     TrainingRunStatus.model_validate(new_plan.status)
+
+
+def test_exit_zero_after_sigterm_from_outside_is_an_interruption_not_success() -> None:
+    r = run()
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "spot-1", T0)
+    r["status"]["progress"] = progress(40, 100, T0 + timedelta(minutes=9))
+    pod = terminated(pod, 0, T0 + timedelta(minutes=10))  # checkpointed on SIGTERM, exit 0
+    pod["metadata"]["deletionTimestamp"] = iso(T0 + timedelta(minutes=10))
+    step(r, [pod], timedelta(minutes=10))
+    assert r["status"]["phase"] == "Pending"
+    assert r["status"]["interruptions"] == 1
+
+
+def test_exit_zero_while_deleted_after_training_completed_is_success() -> None:
+    r = run()
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "spot-1", T0)
+    r["status"]["progress"] = {**progress(100, 100, T0 + timedelta(minutes=9)), "state": "Completed"}
+    pod = terminated(pod, 0, T0 + timedelta(minutes=10))
+    pod["metadata"]["deletionTimestamp"] = iso(T0 + timedelta(minutes=10))
+    step(r, [pod], timedelta(minutes=10))
+    assert r["status"]["phase"] == "Succeeded"
+    assert r["status"]["interruptions"] == 0

@@ -1,0 +1,122 @@
+"""End to end: the operator runs the real trainer (tiny MusicGen) from the pod it created.
+
+The test kubelet runs the pod's command as a local process with the pod's environment, its
+mounted ConfigMap and its own service-account token; checkpoints and the dataset live on a real
+S3-compatible server on loopback (versitygw). The run is interrupted mid-training (eviction:
+SIGTERM → the trainer writes a checkpoint), the operator recreates the pod from
+``status.lastCheckpoint``, and the run completes with a final decision.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fermata_operator.local.kubelet import LocalKubelet
+from fermata_trainer.synthetic import make_mtat_tree
+
+from tests.e2e.conftest import OperatorProcess, Runs, spec, wait_for
+from tests.s3_fixture import s3_server  # noqa: F401  (fixture)
+
+pytestmark = [pytest.mark.cluster, pytest.mark.trainer, pytest.mark.slow]
+
+
+def _upload_tree(s3: Any, bucket: str, root: Path, prefix: str) -> str:
+    c = s3.client()
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            c.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(root).as_posix()}")
+    return f"s3://{bucket}/{prefix}/"
+
+
+def test_real_trainer_through_an_interruption_to_a_final_decision(
+    runs: Runs,
+    operator_factory: Any,
+    kubelet: LocalKubelet,
+    s3_server: Any,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    bucket = s3_server.make_bucket("e2e")
+    data = _upload_tree(
+        s3_server, bucket, make_mtat_tree(tmp_path / "mtat", clips=12, seconds=(2.5, 3.0)).root, "mtat"
+    )
+    secret = {k: v for k, v in s3_server.env().items() if k.startswith("AWS_") and k != "AWS_DEFAULT_REGION"}
+    runs.core.create_namespaced_secret(runs.ns, {"metadata": {"name": "s3-creds"}, "stringData": secret})
+    kubelet.executables["fermata-train"] = str(Path(sys.executable).parent / "fermata-train")
+    kubelet.set_mode("exec")
+    operator: OperatorProcess = operator_factory(runs.ns, FERMATA_TRAINER_HEARTBEAT_SECONDS="1")
+    runs.create(
+        "e2e",
+        spec(
+            model={"base": "tiny://seed=0"},
+            dataset={"uri": data, "minTags": 3, "segmentSeconds": 2.0, "validationFraction": 0.25},
+            training={
+                "epochs": 40,
+                "maxSteps": 60,
+                "batchSize": 4,
+                "learningRate": 0.003,
+                "warmupSteps": 5,
+                "checkpointEverySteps": 5,
+                "evaluateEverySteps": 20,
+            },
+            evaluation={"clipSeconds": 2.0},
+            storage={
+                "checkpoints": f"s3://{bucket}/runs/e2e/",
+                "credentialsSecret": "s3-creds",
+                "keepLast": 2,
+            },
+            gates=[{"name": "step-20", "at": {"step": 20}, "require": {"maxValidationLoss": 9.0}}],
+            idle={"timeout": "5m", "minGpuUtilization": 0.0},
+            failures={"maxRetries": 0},
+            spot={"backoffSeconds": 1},
+        ),
+    )
+    # Training really runs: progress and a verified checkpoint reach the status.
+    st = wait_for(
+        lambda: (s := runs.status("e2e")).get("lastCheckpoint") and s["lastCheckpoint"]["step"] >= 10 and s,
+        timeout=300,
+        what="a checkpoint at step >= 10",
+    )
+    assert st["progress"]["podName"] == "e2e-0"
+    assert st["lastCheckpoint"]["digest"].startswith("sha256:")
+    step_before = runs.status("e2e")["progress"]["step"]
+    kubelet.evict(runs.ns, "e2e-0")  # a spot reclaim: SIGTERM, then the pod is gone
+    st = wait_for(
+        lambda: (s := runs.status("e2e")).get("interruptions") == 1 and s,
+        timeout=120,
+        what="the interruption counted",
+    )
+    assert st["failures"] == 0
+    sigterm_ckpt = st["lastCheckpoint"]
+    assert sigterm_ckpt["reason"] == "signal", sigterm_ckpt
+    assert sigterm_ckpt["step"] >= step_before  # no step lost beyond the one in flight
+    new = wait_for(
+        lambda: [p for p in runs.pods("e2e") if p.metadata.name == "e2e-1"], timeout=60, what="pod e2e-1"
+    )[0]
+    env = {e.name: e.value for e in new.spec.containers[0].env}
+    assert env["FERMATA_RESUME_FROM"] == sigterm_ckpt["uri"]
+    st = wait_for(
+        lambda: (s := runs.status("e2e")).get("phase") in {"Succeeded", "Failed"} and s,
+        timeout=600,
+        what="completion",
+    )
+    logs = kubelet.logs(runs.ns, "e2e-1")
+    assert st["phase"] == "Succeeded", (st.get("message"), logs[-3000:], operator.log()[-3000:])
+    assert st["decision"] == "GO"
+    assert [g["name"] for g in st["gates"]] == ["step-20", "final"]
+    assert st["progress"]["step"] == 60 and st["progress"]["podName"] == "e2e-1"
+    assert st["progress"]["validationLoss"] < st["progress"]["baselineValidationLoss"]
+    assert 0.0 <= st["progress"]["authenticity"] <= 1.0
+    assert "resum" in logs.lower()
+    # Both pods were billed; checkpoints, samples and the trainer's own field manager are real.
+    assert [s["pod"] for s in st["cost"]["segments"]] == ["e2e-0", "e2e-1"]
+    keys = [
+        o["Key"]
+        for o in s3_server.client().list_objects_v2(Bucket=bucket, Prefix="runs/e2e/").get("Contents", [])
+    ]
+    assert any(k.endswith("manifest.json") for k in keys)
+    assert any(k.endswith(".wav") for k in keys)
+    managers = {m["manager"] for m in runs.get("e2e")["metadata"]["managedFields"]}
+    assert {"fermata-trainer", "fermata-operator"} <= managers
