@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from fermata_operator.local.cluster import (
     ControlPlaneError,
     LocalControlPlane,

@@ -11,10 +11,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from fermata_operator.local.cluster import LocalControlPlane
-from fermata_operator.local.kubelet import DEFAULT_NODES, SPOT_TAINT, LocalKubelet
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+
+from fermata_operator.local.cluster import LocalControlPlane
+from fermata_operator.local.kubelet import DEFAULT_NODES, SPOT_TAINT, LocalKubelet
 
 JSON = dict[str, Any]
 SPOT_NODES = {n.name for n in DEFAULT_NODES if n.capacity_type == "spot"}

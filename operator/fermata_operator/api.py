@@ -15,6 +15,8 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
+from pydantic import ConfigDict, Field, JsonValue
+
 from fermata_trainer.contract import (
     API_GROUP,
     API_VERSION,
@@ -31,7 +33,6 @@ from fermata_trainer.contract import (
     TrainingSpec,
     _Model,
 )
-from pydantic import ConfigDict, Field, JsonValue
 
 SINGULAR = "trainingrun"
 SHORT_NAMES = ["tr"]

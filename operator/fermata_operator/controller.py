@@ -15,7 +15,6 @@ from threading import Lock
 from typing import Any
 
 import structlog
-from fermata_trainer import contract
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -24,11 +23,19 @@ from fermata_operator import metrics
 from fermata_operator import reconcile as planner
 from fermata_operator.pod_outcome import STOP_REASON_ANNOTATION
 from fermata_operator.settings import OPERATOR_FIELD_MANAGER, POD_FINALIZER, OperatorSettings
+from fermata_trainer import contract
 
 log = structlog.get_logger("fermata.controller")
 
-#: Minimum seconds between status writes that only move running totals (cost).
-COST_WRITE_INTERVAL = 30.0
+#: Minimum seconds between status writes that only move running totals (cost); the operator
+#: uses ``OperatorSettings.cost_write_seconds`` (``FERMATA_COST_WRITE_SECONDS``), this default.
+COST_WRITE_INTERVAL = 60.0
+
+
+def _discard(resp: Any) -> None:
+    """Drain and release a ``_preload_content=False`` response (its body is not needed)."""
+    resp.read()
+    resp.release_conn()
 
 
 def _rv(obj: dict[str, Any] | None) -> int:
@@ -65,6 +72,19 @@ class RunController:
         ):
             return mine
         return run
+
+    def is_own_write(self, run: dict[str, Any]) -> bool:
+        """Whether ``run`` is exactly the version our last status write produced (its watch event
+        brings nothing new, so it need not wake the run's loop)."""
+        meta = run.get("metadata") or {}
+        with self._lock:
+            mine = self._written.get((meta.get("namespace"), meta.get("name")))  # type: ignore[arg-type]
+        return (
+            mine is not None
+            and mine["metadata"].get("uid") == meta.get("uid")
+            and _rv(mine) == _rv(run)
+            and _rv(run) > 0
+        )
 
     def forget(self, namespace: str, name: str) -> None:
         with self._lock:
@@ -139,7 +159,7 @@ class RunController:
         for obj in plan.create:
             self.ensure(obj)
         old = {k: v for k, v in (run.get("status") or {}).items() if k not in planner.TRAINER_KEYS}
-        if planner.status_changed(old, plan.status, COST_WRITE_INTERVAL, now):
+        if planner.status_changed(old, plan.status, self.settings.cost_write_seconds, now):
             body = dict(plan.status)
             for key in old:
                 if key not in body:
@@ -165,18 +185,20 @@ class RunController:
     def ensure(self, obj: dict[str, Any]) -> None:
         kind = obj["kind"]
         ns = obj["metadata"]["namespace"]
+        # The answers are not needed: skip deserialising them into client models.
+        opts: dict[str, Any] = {"field_manager": OPERATOR_FIELD_MANAGER, "_preload_content": False}
         try:
             if kind == "Pod":
-                self.core.create_namespaced_pod(ns, obj, field_manager=OPERATOR_FIELD_MANAGER)
+                _discard(self.core.create_namespaced_pod(ns, obj, **opts))
                 log.info("pod created", namespace=ns, pod=obj["metadata"]["name"])
             elif kind == "ConfigMap":
-                self.core.create_namespaced_config_map(ns, obj, field_manager=OPERATOR_FIELD_MANAGER)
+                _discard(self.core.create_namespaced_config_map(ns, obj, **opts))
             elif kind == "ServiceAccount":
-                self.core.create_namespaced_service_account(ns, obj, field_manager=OPERATOR_FIELD_MANAGER)
+                _discard(self.core.create_namespaced_service_account(ns, obj, **opts))
             elif kind == "Role":
-                self.rbac.create_namespaced_role(ns, obj, field_manager=OPERATOR_FIELD_MANAGER)
+                _discard(self.rbac.create_namespaced_role(ns, obj, **opts))
             elif kind == "RoleBinding":
-                self.rbac.create_namespaced_role_binding(ns, obj, field_manager=OPERATOR_FIELD_MANAGER)
+                _discard(self.rbac.create_namespaced_role_binding(ns, obj, **opts))
             else:  # pragma: no cover - programming error
                 raise ValueError(f"cannot create {kind}")
         except ApiException as exc:
@@ -184,8 +206,10 @@ class RunController:
                 raise
             if kind == "ConfigMap":
                 # The spec may have changed: the next pod reads the new configuration.
-                self.core.patch_namespaced_config_map(
-                    obj["metadata"]["name"], ns, {"data": obj["data"]}, field_manager=OPERATOR_FIELD_MANAGER
+                _discard(
+                    self.core.patch_namespaced_config_map(
+                        obj["metadata"]["name"], ns, {"data": obj["data"]}, **opts
+                    )
                 )
 
     def stop_pod(self, ns: str, pod_name: str, reason: str) -> None:
@@ -255,7 +279,7 @@ class RunController:
             "count": 1,
         }
         try:
-            self.core.create_namespaced_event(meta["namespace"], body)
+            _discard(self.core.create_namespaced_event(meta["namespace"], body, _preload_content=False))
         except ApiException as exc:  # events are best effort
             log.warning("event not posted", reason=reason, status=exc.status)
         metrics.DECISIONS.labels(namespace=meta["namespace"], reason=reason).inc()

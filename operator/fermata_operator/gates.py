@@ -17,9 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from fermata_trainer.contract import TrainerProgress, parse_duration
-
 from fermata_operator.api import Decision, GateOutcome, GateRequire, GateSpec
+from fermata_trainer.contract import TrainerProgress, parse_duration
 
 FINAL_GATE = "final"
 

@@ -12,11 +12,11 @@ import asyncio
 import logging
 import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
 import structlog
-from fermata_trainer import contract
 from kubernetes.client.exceptions import ApiException
 
 from fermata_operator import cost as cost_policy
@@ -25,6 +25,7 @@ from fermata_operator.controller import RunController
 from fermata_operator.kube import api_client
 from fermata_operator.pod_outcome import node_termination_taint
 from fermata_operator.settings import LABEL_RUN, POD_FINALIZER, OperatorSettings
+from fermata_trainer import contract
 
 log = structlog.get_logger("fermata.handlers")
 RESOURCE = (contract.API_GROUP, contract.API_VERSION, contract.PLURAL)
@@ -48,7 +49,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
     opsettings = OperatorSettings.from_env()
-    ctl = RunController(api=api_client(), settings=opsettings)
+    # Reconciles run the synchronous client in threads: size the pool (and the client's
+    # connection pool) for many runs instead of asyncio's default of cores + 4.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=opsettings.workers, thread_name_prefix="fermata-reconcile")
+    )
+    ctl = RunController(api=api_client(pool_size=opsettings.workers), settings=opsettings)
     ctl.prices = await asyncio.to_thread(load_prices, ctl, opsettings)
     memo["controller"] = ctl
     port = int(os.environ.get("FERMATA_METRICS_PORT", "0") or 0)
@@ -83,6 +89,18 @@ def pods_by_run(
 @kopf.index("", "v1", "nodes")
 def nodes_by_name(*, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return {name: dict(body)}
+
+
+def _nodes_of(pods: list[dict[str, Any]], index: kopf.Index[Any, Any]) -> dict[str, dict[str, Any]]:
+    """The cached Node objects the pods are placed on (not every node of the cluster)."""
+    nodes: dict[str, dict[str, Any]] = {}
+    for pod in pods:
+        name = (pod.get("spec") or {}).get("nodeName")
+        if name and name not in nodes and name in index:
+            store = index[name]
+            if store:
+                nodes[name] = dict(next(iter(store)))
+    return nodes
 
 
 def _wake(namespace: str, name: str) -> None:
@@ -121,9 +139,12 @@ async def node_changed(*, name: str, type: str, body: kopf.Body, **kwargs: Any) 
 
 
 @kopf.on.event(*RESOURCE)
-async def run_changed(*, namespace: str | None, name: str, **_: Any) -> None:
-    if namespace is not None:
-        _wake(namespace, name)
+async def run_changed(*, namespace: str | None, name: str, body: kopf.Body, memo: Any, **_: Any) -> None:
+    if namespace is None:
+        return
+    if _controller(memo).is_own_write(dict(body)):
+        return  # the echo of our own status write: nothing new to act on
+    _wake(namespace, name)
 
 
 @kopf.daemon(*RESOURCE, cancellation_timeout=30.0, initial_delay=0)
@@ -149,7 +170,7 @@ async def run_loop(
         while not stopped:
             wake.clear()
             pods = [dict(p) for p in pods_by_run.get(key, [])]
-            nodes = {n: dict(next(iter(store))) for n, store in nodes_by_name.items() if store}
+            nodes = _nodes_of(pods, nodes_by_name)
             try:
                 delay = await asyncio.to_thread(ctl.reconcile, dict(body), pods, nodes)
                 failures = 0

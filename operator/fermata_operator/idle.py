@@ -17,9 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from fermata_trainer.contract import TrainerProgress, parse_duration
-
 from fermata_operator.api import IdleSpec, IdleTracking
+from fermata_trainer.contract import TrainerProgress, parse_duration
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ import sys
 
 import structlog
 
+from fermata_trainer.logging_setup import LiveStream
+
 
 def configure(level: str | None = None, fmt: str | None = None) -> None:
     """``FERMATA_LOG_FORMAT`` = json | console (default: console on a TTY, else json)."""
@@ -27,7 +29,7 @@ def configure(level: str | None = None, fmt: str | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=LiveStream("stderr")),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
     # Route the stdlib loggers (kopf, kubernetes, botocore) through the same format.

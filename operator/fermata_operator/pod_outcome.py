@@ -113,8 +113,21 @@ def container_state(pod: dict[str, Any]) -> dict[str, Any]:
     return dict(statuses[0]) if statuses else {}
 
 
-def classify(pod: dict[str, Any], node: dict[str, Any] | None, node_known_missing: bool) -> Outcome:
-    """The meaning of one pod's state, given its node (None if unknown or gone)."""
+#: How long past its deletion deadline a terminating pod is waited for before it counts as lost
+#: (its kubelet is gone and will never report the container's end).
+TERMINATING_PATIENCE_SECONDS = 30.0
+
+
+def classify(
+    pod: dict[str, Any], node: dict[str, Any] | None, node_known_missing: bool, now: datetime | None = None
+) -> Outcome:
+    """The meaning of one pod's state, given its node (None if unknown or gone).
+
+    A pod that is being deleted while its container still runs is *not* over yet: the trainer
+    is writing its SIGTERM checkpoint. It counts as interrupted once it has ended — or at once if
+    its node is gone, or when its kubelet has not reported for ``TERMINATING_PATIENCE_SECONDS``
+    past the deletion deadline.
+    """
     meta = pod.get("metadata") or {}
     status = pod.get("status") or {}
     phase = status.get("phase") or "Pending"
@@ -178,7 +191,13 @@ def classify(pod: dict[str, Any], node: dict[str, Any] | None, node_known_missin
             text += f": {message[-400:]}"
         return Outcome(Kind.failed, reason, text, exit_code, False, started, finished)
 
-    if interrupted_reason and (deleting or node_known_missing):
+    deadline = _ts(meta.get("deletionTimestamp"))
+    overdue = (
+        deadline is not None
+        and now is not None
+        and (now - deadline).total_seconds() > TERMINATING_PATIENCE_SECONDS
+    )
+    if interrupted_reason and (node_known_missing or overdue or (deleting and phase != "Running")):
         return Outcome(
             Kind.interrupted,
             interrupted_reason,
@@ -190,6 +209,16 @@ def classify(pod: dict[str, Any], node: dict[str, Any] | None, node_known_missin
         )
 
     if phase == "Running":
+        if deleting:
+            return Outcome(
+                Kind.running,
+                "Terminating",
+                f"terminating on {node_name} ({interrupted_reason}): waiting for its checkpoint",
+                None,
+                True,
+                started,
+                None,
+            )
         return Outcome(Kind.running, "Running", f"running on {node_name}", None, notice, started, None)
 
     # Pending

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fermata_trainer import contract
-
 from fermata_operator.api import CapacityType, TrainingRunSpec
 from fermata_operator.settings import (
     ANNOTATION_CAPACITY,
@@ -27,6 +25,7 @@ from fermata_operator.settings import (
     POD_FINALIZER,
     OperatorSettings,
 )
+from fermata_trainer import contract
 
 CONFIG_KEY = "trainer.json"
 CONFIG_DIR = "/etc/fermata"

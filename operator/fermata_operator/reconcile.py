@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from fermata_trainer.contract import CheckpointRequest, TrainerControl, TrainerProgress, TrainerState
 from pydantic import ValidationError
 
 from fermata_operator import budget as budget_policy
@@ -36,7 +35,7 @@ from fermata_operator.api import (
     TrainingRunSpec,
     TrainingRunStatus,
 )
-from fermata_operator.pod_outcome import Kind, Outcome, classify
+from fermata_operator.pod_outcome import TERMINATING_PATIENCE_SECONDS, Kind, Outcome, classify
 from fermata_operator.settings import (
     ANNOTATION_CAPACITY,
     CAPACITY_LABELS,
@@ -45,6 +44,7 @@ from fermata_operator.settings import (
     POD_FINALIZER,
     OperatorSettings,
 )
+from fermata_trainer.contract import CheckpointRequest, TrainerControl, TrainerProgress, TrainerState
 
 #: Status keys the trainer owns; the operator never writes them.
 TRAINER_KEYS = {"progress", "lastCheckpoint"}
@@ -148,7 +148,11 @@ def pod_ended_at(pod: dict[str, Any], outcome: Outcome, node_missing: bool, now:
     deleting = _ts(meta.get("deletionTimestamp"))
     if phase in {"Succeeded", "Failed"}:
         return _ts(((pod.get("status") or {}).get("conditions") or [{}])[-1].get("lastTransitionTime")) or now
-    if deleting is not None and (node_missing or not (pod.get("spec") or {}).get("nodeName")):
+    if deleting is not None and (
+        node_missing
+        or not (pod.get("spec") or {}).get("nodeName")
+        or (now - deleting).total_seconds() > TERMINATING_PATIENCE_SECONDS
+    ):
         return min(now, deleting)
     return None
 
@@ -211,7 +215,7 @@ def plan(obs: Observed, settings: OperatorSettings) -> Plan:
         node_name = (pod.get("spec") or {}).get("nodeName")
         node = obs.nodes.get(node_name) if node_name else None
         node_missing = bool(node_name) and node_name in obs.missing_nodes
-        pod_outcome = classify(pod, node, node_missing)
+        pod_outcome = classify(pod, node, node_missing, now)
         outcomes[pname] = pod_outcome
         summary = st.pod if st.pod is not None and st.pod.name == pname else None
         start = _ts((pod.get("status") or {}).get("startTime")) or pod_outcome.started

@@ -58,6 +58,12 @@ class OperatorSettings:
 
     #: How often a run is reconciled when nothing happens (seconds).
     resync_seconds: float = 60.0
+    #: Minimum seconds between status writes that only move running totals (accrued cost,
+    #: remaining budget, projection). With the default, a run in steady state costs the API at
+    #: most one request a minute; anything else (phase, conditions, closed spans) is written at once.
+    cost_write_seconds: float = 60.0
+    #: Reconciles that may run at once (threads; also the API connection pool size).
+    workers: int = 16
     #: How long the trainer gets to answer a checkpoint request before its pod is stopped.
     checkpoint_request_timeout_seconds: float = 300.0
     #: Heartbeat interval written into the trainer's config.
@@ -78,6 +84,8 @@ class OperatorSettings:
         tolerations = os.environ.get("FERMATA_SPOT_TOLERATIONS")
         return cls(
             resync_seconds=_env_float("FERMATA_RESYNC_SECONDS", base.resync_seconds),
+            cost_write_seconds=_env_float("FERMATA_COST_WRITE_SECONDS", base.cost_write_seconds),
+            workers=max(1, int(_env_float("FERMATA_WORKERS", base.workers))),
             checkpoint_request_timeout_seconds=_env_float(
                 "FERMATA_CHECKPOINT_REQUEST_TIMEOUT_SECONDS",
                 base.checkpoint_request_timeout_seconds,

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from fermata_trainer.contract import parse_duration
-
 from fermata_operator.api import CapacityType, TrainingRunSpec
+from fermata_trainer.contract import parse_duration
 
 
 def backoff_seconds(attempt: int, base: float, cap: float) -> float:

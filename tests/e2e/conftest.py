@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
 from fermata_operator.crdgen import render
 from fermata_operator.local.cluster import LocalControlPlane
 from fermata_trainer import contract
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
 GROUP, VERSION, PLURAL = contract.API_GROUP, contract.API_VERSION, contract.PLURAL
 

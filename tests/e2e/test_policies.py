@@ -13,10 +13,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+
 from fermata_operator.local.kubelet import LocalKubelet
 from fermata_trainer.contract import CheckpointRef, RunRef, TrainerProgress, TrainerState, TrainerStatus
 from fermata_trainer.reporter import KubernetesStatusReporter
-
 from tests.e2e.conftest import OperatorProcess, Runs, spec, wait_for
 
 pytestmark = pytest.mark.cluster

@@ -6,11 +6,11 @@ import json
 from typing import Any
 
 import pytest
-from fermata_operator.local.cluster import LocalControlPlane
-from fermata_operator.local.kubelet import LocalKubelet
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from fermata_operator.local.cluster import LocalControlPlane
+from fermata_operator.local.kubelet import LocalKubelet
 from tests.e2e.conftest import OperatorProcess, Runs, spec, wait_for
 
 pytestmark = pytest.mark.cluster

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from fermata_operator.local.kubelet import LocalKubelet
 from fermata_trainer.synthetic import make_mtat_tree
-
 from tests.e2e.conftest import OperatorProcess, Runs, spec, wait_for
 from tests.s3_fixture import s3_server  # noqa: F401  (fixture)
 

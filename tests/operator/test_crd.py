@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from fermata_operator import crdgen
 
 ROOT = Path(__file__).resolve().parents[2]

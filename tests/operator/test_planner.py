@@ -6,12 +6,12 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+
 from fermata_operator import cost
 from fermata_operator.api import TrainingRunStatus
 from fermata_operator.pod_outcome import STOP_REASON_ANNOTATION
 from fermata_operator.reconcile import Observed, Plan, plan, status_changed
 from fermata_operator.settings import POD_FINALIZER, OperatorSettings
-
 from tests.operator.factories import T0, iso, node, pod_for, progress, run, running, terminated
 
 SETTINGS = OperatorSettings()
@@ -186,7 +186,13 @@ def test_interruption_recreates_pod_without_using_failure_budget(disrupt: str) -
             "startTime": iso(T0),
         }
     else:
+        # Deleted by someone else: while its container still runs it is only terminating ...
         pod["metadata"]["deletionTimestamp"] = iso(T0 + timedelta(hours=1))
+        p = step(r, [pod], timedelta(hours=1), missing)
+        assert r["status"]["interruptions"] == 0 and not p.create
+        assert r["status"]["control"]["checkpointRequest"]["reason"] == "interruption"
+        # ... and interrupted once the kubelet reports the container's end.
+        pod = terminated(pod, 0, T0 + timedelta(hours=1))
     p = step(r, [pod], timedelta(hours=1), missing)
     assert r["status"]["interruptions"] == 1
     assert r["status"]["failures"] == 0
@@ -275,10 +281,12 @@ def test_fallback_to_on_demand_after_n_interruptions() -> None:
         pods.append(pod)
         t += timedelta(minutes=10)
         if i < 2:
+            pod = terminated(pod, 143, T0 + t)
             pod["status"]["conditions"].append(
                 {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}
             )
             pod["metadata"]["deletionTimestamp"] = iso(T0 + t)
+            pods[-1] = pod
             step(r, pods, t)
             t += timedelta(seconds=1)
     assert r["status"]["capacity"] == "on-demand"
@@ -479,3 +487,16 @@ def test_exit_zero_while_deleted_after_training_completed_is_success() -> None:
     step(r, [pod], timedelta(minutes=10))
     assert r["status"]["phase"] == "Succeeded"
     assert r["status"]["interruptions"] == 0
+
+
+def test_terminating_pod_whose_kubelet_is_gone_counts_after_the_patience() -> None:
+    r = run()
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "spot-1", T0)
+    pod["metadata"]["deletionTimestamp"] = iso(T0 + timedelta(minutes=10))
+    step(r, [pod], timedelta(minutes=10))
+    assert r["status"]["interruptions"] == 0
+    step(r, [pod], timedelta(minutes=10, seconds=45))
+    assert r["status"]["interruptions"] == 1
+    seg = r["status"]["cost"]["segments"][0]
+    assert seg["end"] == iso(T0 + timedelta(minutes=10))  # billed up to the deletion deadline

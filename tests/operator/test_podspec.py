@@ -8,7 +8,6 @@ from fermata_operator import podspec
 from fermata_operator.api import CapacityType, TrainingRunSpec
 from fermata_operator.settings import POD_FINALIZER, OperatorSettings
 from fermata_trainer.contract import TrainerConfig
-
 from tests.operator.factories import run
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fermata_trainer.contract import TrainerConfig
 
+from fermata_trainer.contract import TrainerConfig
+from fermata_trainer.synthetic import SyntheticMtat, make_mtat_tree
 from tests.s3_fixture import s3_server  # noqa: F401  (the S3 server fixture)
 from tests.trainer.helpers import tiny_config
-from fermata_trainer.synthetic import SyntheticMtat, make_mtat_tree
 
 ConfigFactory = Callable[..., TrainerConfig]
 

@@ -14,6 +14,8 @@ import time
 import numpy as np
 import numpy.typing as npt
 import pytest
+from scipy.signal import resample_poly
+
 from fermata_trainer.authenticity import (
     FEATURE_NAMES,
     AuthenticityResult,
@@ -23,7 +25,6 @@ from fermata_trainer.authenticity import (
     frechet_distance,
     score_clips,
 )
-from scipy.signal import resample_poly
 
 SR = 32_000
 SECONDS = 8.0

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+
 from fermata_trainer.checkpoints import CheckpointStore
 from fermata_trainer.storage import LocalStorage, S3Storage, Storage, make_s3_client, sha256_bytes
-
 from tests.s3_fixture import S3Server
 
 pytestmark = pytest.mark.trainer

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from fermata_trainer.contract import (
     API_GROUP,
     API_VERSION,
@@ -32,7 +33,6 @@ from fermata_trainer.reporter import (
 )
 from fermata_trainer.storage import LocalStorage, sha256_bytes
 from fermata_trainer.training_loop import RunOutcome, Trainer
-
 from tests.trainer.conftest import ConfigFactory
 
 pytestmark = pytest.mark.trainer

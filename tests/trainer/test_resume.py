@@ -9,11 +9,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from fermata_trainer import cli
 from fermata_trainer.checkpoints import CheckpointStore
 from fermata_trainer.contract import EXIT_CONFIG_ERROR, EXIT_STOPPED_WITH_CHECKPOINT, TrainerConfig
 from fermata_trainer.storage import LocalStorage
-
+from fermata_trainer.synthetic import SyntheticMtat
 from tests.trainer.helpers import (
     log_events,
     run_trainer,
@@ -23,7 +24,6 @@ from tests.trainer.helpers import (
     trainer_env,
     write_config,
 )
-from fermata_trainer.synthetic import SyntheticMtat
 
 pytestmark = [pytest.mark.trainer, pytest.mark.slow]
 

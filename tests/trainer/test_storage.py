@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
+
 from fermata_trainer.errors import ObjectNotFoundError
 from fermata_trainer.storage import (
     TMP_PREFIX,
@@ -19,7 +20,6 @@ from fermata_trainer.storage import (
     open_storage,
     retry_call,
 )
-
 from tests.s3_fixture import S3Server
 
 pytestmark = pytest.mark.trainer

@@ -42,7 +42,7 @@ from fermata_trainer.contract import (
     resolve_mount_path,
 )
 from fermata_trainer.errors import TrainerConfigError
-from fermata_trainer.logging_setup import configure_logging, get_logger
+from fermata_trainer.logging_setup import LiveStream, configure_logging, get_logger
 
 log = get_logger("fermata_trainer.cli")
 
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     # `run` logs JSON lines to stdout (the pod log); the others print their result there
     configure_logging(
         os.environ.get("FERMATA_LOG_LEVEL", "INFO"),
-        stream=sys.stdout if args.command == "run" else sys.stderr,
+        stream=LiveStream("stdout" if args.command == "run" else "stderr"),
     )
     try:
         code: int = args.func(args)

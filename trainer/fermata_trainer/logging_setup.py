@@ -11,10 +11,24 @@ import structlog
 _configured = False
 
 
-def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
+class LiveStream:
+    """``sys.stdout`` / ``sys.stderr`` looked up at each write, not when logging is configured
+    (so a stream swapped later — by pytest's capture, say — never leaves a closed file behind)."""
+
+    def __init__(self, name: str = "stdout") -> None:
+        self.name = name
+
+    def write(self, text: str) -> int:
+        return int(getattr(sys, self.name).write(text))
+
+    def flush(self) -> None:
+        getattr(sys, self.name).flush()
+
+
+def configure_logging(level: str = "INFO", stream: TextIO | LiveStream | None = None) -> None:
     """Route structlog and the standard library's logging to JSON lines on ``stream``."""
     global _configured
-    out = stream if stream is not None else sys.stdout
+    out: Any = stream if stream is not None else LiveStream("stdout")
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         numeric = logging.INFO

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import soundfile as sf
+
 from fermata_trainer.contract import DEFAULT_PROXY_TAGS
 
 MTAT_TAGS: list[str] = [

@@ -11,6 +11,7 @@ stops all of its children: no process is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -99,13 +100,9 @@ def down(timeout: float = 60.0) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and _alive(pid):
         time.sleep(0.2)
-    if _alive(pid):
-        os.killpg(pid, signal.SIGKILL)
     # Anything left in the supervisor's session (it is the group leader) goes too.
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     _pid_file().unlink(missing_ok=True)
     _ready_file().unlink(missing_ok=True)
     print("local mode stopped")
