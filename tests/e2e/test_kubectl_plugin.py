@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -102,12 +103,16 @@ def test_status_report_suspend_resume_logs(
         "plug",
         spec(
             storage={"checkpoints": str(storage_dir)},
-            budget={"maxUSD": 50},
+            # $180/h: 5 cents a second, so the cost curve moves during the test.
+            budget={
+                "maxUSD": 5,
+                "prices": [{"instanceType": "g4dn.xlarge", "capacityType": "spot", "hourlyUSD": 180}],
+            },
             gates=[
                 {
                     "name": "early",
                     "at": {"step": 30},
-                    "require": {"maxValidationLoss": 3.5, "minAuthenticity": 0.3, "maxCostUSD": 40},
+                    "require": {"maxValidationLoss": 3.5, "minAuthenticity": 0.3, "maxCostUSD": 4},
                     "onNoGo": "continue",
                 },
                 {"name": "week-5", "at": {"elapsed": "35d"}, "require": {"minAuthenticity": 0.35}},
@@ -119,6 +124,7 @@ def test_status_report_suspend_resume_logs(
     # Before any trainer report: the status command already works.
     proc = kubectl_fermata(control_plane, kubeconfig, "status", "plug", "-n", runs.ns)
     assert proc.returncode == 0, proc.stderr
+    print(proc.stdout)
     assert "no report from the trainer yet" in proc.stdout and "checkpoint   none yet" in proc.stdout
 
     ref = _write_trainer_outputs(storage_dir, tmp_path / "trainer-work")
@@ -156,7 +162,7 @@ def test_status_report_suspend_resume_logs(
     out = proc.stdout
     print(out)
     assert out.startswith(f"plug ({runs.ns})  Running  GO")
-    assert "of $50.00  [" in out and "40.0%  step 40/100  epoch 0  Training" in out
+    assert "of $5.00  [" in out and "$180.00/h" in out and "40.0%  step 40/100  epoch 0  Training" in out
     assert "train 3.0000  val 3.1200 @ step 40  baseline 3.6000" in out
     assert "authenticity 0.440" in out
     assert "checkpoint   step 40, " in out and ref.uri in out
@@ -181,10 +187,12 @@ def test_status_report_suspend_resume_logs(
 
     proc = kubectl_fermata(control_plane, kubeconfig, "suspend", "plug", "-n", runs.ns)
     assert proc.returncode == 0, proc.stderr
+    print(proc.stdout)
     assert "suspend requested" in proc.stdout
     assert runs.get("plug")["spec"]["suspend"] is True
     wait_for(lambda: runs.status("plug").get("phase") == "Suspended", timeout=90, what="Suspended")
     proc = kubectl_fermata(control_plane, kubeconfig, "status", "plug", "-n", runs.ns)
+    print(proc.stdout)
     assert proc.stdout.startswith(f"plug ({runs.ns})  Suspended")
     assert "Suspended=True" in proc.stdout  # a condition that is not OK is listed
     proc = kubectl_fermata(control_plane, kubeconfig, "suspend", "plug", "-n", runs.ns)
@@ -192,11 +200,21 @@ def test_status_report_suspend_resume_logs(
     # logs: asked of the API server for the run's pod, which suspension deleted (a running pod's
     # log would be fetched from its node's kubelet, which the test kubelet does not serve).
     proc = kubectl_fermata(control_plane, kubeconfig, "logs", "plug", "-n", runs.ns, "--tail", "20")
+    assert proc.returncode == 1, proc.stderr
     print(proc.stderr)
-    assert proc.returncode == 1 and proc.stderr.startswith("error: "), proc.stderr
+    assert proc.stderr == f"error: trainer pod {runs.ns}/plug-0 is gone (run plug is Suspended)\n"
     proc = kubectl_fermata(control_plane, kubeconfig, "resume", "plug", "-n", runs.ns)
+    print(proc.stdout)
     assert proc.returncode == 0 and "resume requested" in proc.stdout
     wait_for(lambda: runs.status("plug").get("phase") == "Running", timeout=90, what="Running again")
+    time.sleep(2)
+    proc = kubectl_fermata(control_plane, kubeconfig, "report", "plug", "-n", runs.ns, "-o", str(png))
+    assert proc.returncode == 0, proc.stderr
+    print(proc.stdout)
+    assert "cost from 2 billed segments" in proc.stdout
+    proc = kubectl_fermata(control_plane, kubeconfig, "status", "plug", "-n", runs.ns)
+    print(proc.stdout)
+    assert "pod          plug-1 on " in proc.stdout
 
     proc = kubectl_fermata(control_plane, kubeconfig, "status", "missing", "-n", runs.ns)
     assert proc.returncode == 1
