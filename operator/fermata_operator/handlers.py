@@ -9,6 +9,8 @@ indices (watch caches), so an idle run costs no API reads.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import os
 from collections.abc import Mapping
@@ -32,6 +34,42 @@ RESOURCE = (contract.API_GROUP, contract.API_VERSION, contract.PLURAL)
 _WAKERS: dict[tuple[str, str], asyncio.Event] = {}
 
 
+class ReconcileGate:
+    """Lets at most ``limit`` reconciles run at once; when runs wait, those that have no live pod
+    (new runs, replacements after an interruption) go before those that only refresh status.
+
+    With many runs created at once, the pods come first and status writes catch up after.
+    """
+
+    URGENT, NORMAL = 0, 1
+
+    def __init__(self, limit: int) -> None:
+        self.free = limit
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    async def acquire(self, priority: int) -> None:
+        if self.free > 0 and not self._waiting:
+            self.free -= 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (priority, next(self._seq), fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # the slot was handed over just as we were cancelled
+            raise
+
+    def release(self) -> None:
+        while self._waiting:
+            _, _, fut = heapq.heappop(self._waiting)
+            if not fut.done():
+                fut.set_result(None)  # hand the slot over
+                return
+        self.free += 1
+
+
 def _controller(memo: Any) -> RunController:
     ctl: RunController = memo["controller"]
     return ctl
@@ -52,11 +90,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # Reconciles run the synchronous client in threads: size the pool (and the client's
     # connection pool) for many runs instead of asyncio's default of cores + 4.
     asyncio.get_running_loop().set_default_executor(
-        ThreadPoolExecutor(max_workers=opsettings.workers, thread_name_prefix="fermata-reconcile")
+        ThreadPoolExecutor(max_workers=opsettings.workers + 4, thread_name_prefix="fermata-reconcile")
     )
     ctl = RunController(api=api_client(pool_size=opsettings.workers), settings=opsettings)
     ctl.prices = await asyncio.to_thread(load_prices, ctl, opsettings)
     memo["controller"] = ctl
+    memo["gate"] = ReconcileGate(opsettings.workers)
     port = int(os.environ.get("FERMATA_METRICS_PORT", "0") or 0)
     if port:
         from prometheus_client import start_http_server
@@ -162,6 +201,7 @@ async def run_loop(
     pods_by_run: kopf.Index[Any, Any] = kwargs["pods_by_run"]
     nodes_by_name: kopf.Index[Any, Any] = kwargs["nodes_by_name"]
     ctl = _controller(memo)
+    gate: ReconcileGate = memo["gate"]
     key = (namespace, name)
     wake = asyncio.Event()
     _WAKERS[key] = wake
@@ -169,9 +209,13 @@ async def run_loop(
         failures = 0
         while not stopped:
             wake.clear()
-            pods = [dict(p) for p in pods_by_run.get(key, [])]
-            nodes = _nodes_of(pods, nodes_by_name)
+            live = any(
+                not (p.get("metadata") or {}).get("deletionTimestamp") for p in pods_by_run.get(key, [])
+            )
+            await gate.acquire(ReconcileGate.NORMAL if live else ReconcileGate.URGENT)
             try:
+                pods = [dict(p) for p in pods_by_run.get(key, [])]
+                nodes = _nodes_of(pods, nodes_by_name)
                 delay = await asyncio.to_thread(ctl.reconcile, dict(body), pods, nodes)
                 failures = 0
             except ApiException as exc:
@@ -189,6 +233,8 @@ async def run_loop(
                 failures += 1
                 delay = min(300.0, 2.0**failures)
                 log.exception("reconcile crashed", namespace=namespace, run=name, retry_in=delay)
+            finally:
+                gate.release()
             wait = ctl.settings.resync_seconds if delay is None else min(delay, ctl.settings.resync_seconds)
             waiters = {asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())}
             try:

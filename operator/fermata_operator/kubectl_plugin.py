@@ -387,6 +387,7 @@ def plot_report(run: dict[str, Any], hist: History, out: Path) -> None:
     except ImportError as exc:
         raise PluginError("the report plot needs matplotlib: pip install matplotlib") from exc
     matplotlib.use("Agg")
+    import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
 
     meta, spec = run["metadata"], run.get("spec") or {}
@@ -420,7 +421,7 @@ def plot_report(run: dict[str, Any], hist: History, out: Path) -> None:
         )
         ax_auth.set_ylabel("authenticity (0-1)")
         ax_auth.set_ylim(0, 1)
-        ax_auth.legend(loc="upper center", fontsize="small")
+        ax_auth.legend(loc="lower left", fontsize="small")
     ax_loss.set_xlabel("optimizer step")
     ax_loss.set_ylabel("cross-entropy")
     ax_loss.set_title(f"Loss ({hist.source})", fontsize="small")
@@ -456,7 +457,9 @@ def plot_report(run: dict[str, Any], hist: History, out: Path) -> None:
     ax_cost.set_xlabel("time (UTC)")
     ax_cost.set_title("Cost (from status.cost.segments)", fontsize="small")
     ax_cost.legend(loc="upper left", fontsize="small")
-    fig.autofmt_xdate()
+    locator = mdates.AutoDateLocator()  # type: ignore[no-untyped-call]
+    ax_cost.xaxis.set_major_locator(locator)
+    ax_cost.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
     fig.savefig(out, dpi=100)
     plt.close(fig)
 
@@ -558,6 +561,11 @@ class Cluster:
                 return
             text = self.core.read_namespaced_pod_log(pod, self.namespace, **kwargs)
         except ApiException as exc:
+            if exc.status == 404:
+                phase = (run.get("status") or {}).get("phase") or "New"
+                raise PluginError(
+                    f"trainer pod {self.namespace}/{pod} is gone (run {run['metadata']['name']} is {phase})"
+                ) from exc
             detail = exc.body.decode(errors="replace") if isinstance(exc.body, bytes) else exc.body
             with contextlib.suppress(TypeError, ValueError, AttributeError):
                 detail = json.loads(detail).get("message", detail)

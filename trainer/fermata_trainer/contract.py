@@ -337,11 +337,19 @@ ENV_ROOT_PREFIX = "FERMATA_ROOT_PREFIX"
 
 
 def resolve_mount_path(path: str, environ: dict[str, str] | None = None) -> Path:
-    """Map an in-container path to where it really is (identity inside a real container)."""
+    """Map an in-container path to where it really is (identity inside a real container).
+
+    Under the test kubelet (``FERMATA_ROOT_PREFIX`` set) a pod's volume mounts live below that
+    prefix; a path whose top directory is not mounted there (``/work/...``, say) is the host's,
+    as if the container image were the host's file system.
+    """
     env = os.environ if environ is None else environ
     prefix = env.get(ENV_ROOT_PREFIX)
     if prefix and path.startswith("/"):
-        return Path(prefix) / path.lstrip("/")
+        relative = path.lstrip("/")
+        top = relative.split("/", 1)[0]
+        if top and (Path(prefix) / top).exists():
+            return Path(prefix) / relative
     return Path(path)
 
 

@@ -218,6 +218,10 @@ class LocalControlPlane:
             self._spawn("apiserver", self._apiserver_argv())
             self._wait_ready()
             self._write_kubeconfig()
+            for crd in self.crds:
+                self.kubectl("apply", "--server-side", "-f", str(crd), check=True)
+            for crd in self.crds:
+                self.kubectl("wait", "--for=condition=Established", "-f", str(crd), check=True)
             self._spawn("controller-manager", self._controller_manager_argv())
             self._spawn("scheduler", self._scheduler_argv())
             self._wait_default_service_account()

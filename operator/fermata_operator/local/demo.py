@@ -79,8 +79,11 @@ def main(timeout: float = 900.0) -> int:
 
     root = mode.state_dir().parent / "demo"
     shutil.rmtree(root, ignore_errors=True)
+    if mode.status_quiet() is None:
+        shutil.rmtree(mode.state_dir(), ignore_errors=True)  # a fresh cluster for the demo
     data, storage = root / "magnatagatune", root / "storage"
     make_mtat_tree(data, clips=16, seconds=(2.5, 3.0, 2.2, 3.5))
+    storage.mkdir(parents=True)
     os.environ["FERMATA_LOCAL_KUBELET_MODE"] = "exec"
     os.environ.setdefault("FERMATA_TRAINER_HEARTBEAT_SECONDS", "2")
     if mode.up() != 0:
@@ -105,9 +108,10 @@ def main(timeout: float = 900.0) -> int:
                     print(out[0], flush=True)
                     header_shown = True
                 rows = "\n".join(out[1:])
-                if rows != last_rows:
+                ageless = "\n".join(line.rsplit(None, 1)[0] for line in out[1:])  # AGE always moves
+                if ageless != last_rows:
                     print(rows, flush=True)
-                    last_rows = rows
+                    last_rows = ageless
             phase = _kubectl(
                 kubeconfig, "get", "tr", "amapiano-tiny", "-n", "ml", "-o", "jsonpath={.status.phase}"
             ).stdout

@@ -109,6 +109,11 @@ def down(timeout: float = 60.0) -> int:
     return 0
 
 
+def status_quiet() -> int | None:
+    """The supervisor's pid if local mode is running."""
+    return _read_pid()
+
+
 def status() -> int:
     pid = _read_pid()
     if pid is None:
