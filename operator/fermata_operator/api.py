@@ -440,6 +440,15 @@ class StopIntent(_Model):
     time: datetime = Field(description="When the stop was decided.")
 
 
+class AbortReport(_Model):
+    """The abort report of a stopped run: its summary here, the full JSON at ``uri``."""
+
+    uri: str = Field(description="Where the trainer writes the report (next to the checkpoints).")
+    reason: str = Field(description="Why the run was stopped.")
+    summary: str = Field(default="", description="Human-readable summary.")
+    time: datetime = Field(description="When the stop was decided.")
+
+
 class TrainingRunStatus(_Model):
     """Observed state, written by the operator (and progress/lastCheckpoint by the trainer)."""
 
@@ -484,6 +493,7 @@ class TrainingRunStatus(_Model):
     control: TrainerControl | None = Field(default=None, description="Operator → trainer requests.")
     idle_tracking: IdleTracking | None = Field(default=None, description="Idle policy clocks.")
     stop: StopIntent | None = Field(default=None, description="The stop being carried out.")
+    abort_report: AbortReport | None = Field(default=None, description="Summary of the abort report.")
     last_interruption: str | None = Field(default=None, description="Why the last pod was lost.")
 
 
@@ -541,6 +551,7 @@ __all__ = [
     "PLURAL",
     "SHORT_NAMES",
     "SINGULAR",
+    "AbortReport",
     "BudgetSpec",
     "CapacityType",
     "Condition",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from threading import Lock
@@ -55,6 +56,10 @@ class RunController:
     _lock: Lock = field(default_factory=Lock)
 
     def __post_init__(self) -> None:
+        #: Creates a new pod's ConfigMap, ServiceAccount and RBAC side by side (then the pod).
+        self._creators = ThreadPoolExecutor(
+            max_workers=max(4, self.settings.workers), thread_name_prefix="fermata-create"
+        )
         self.core = client.CoreV1Api(self.api)
         self.rbac = client.RbacAuthorizationV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
@@ -156,8 +161,7 @@ class RunController:
 
     def execute(self, run: dict[str, Any], plan: planner.Plan, now: datetime) -> None:
         ns, name = run["metadata"]["namespace"], run["metadata"]["name"]
-        for obj in plan.create:
-            self.ensure(obj)
+        self.create_all(plan.create)
         old = {k: v for k, v in (run.get("status") or {}).items() if k not in planner.TRAINER_KEYS}
         if planner.status_changed(old, plan.status, self.settings.cost_write_seconds, now):
             body = dict(plan.status)
@@ -181,6 +185,20 @@ class RunController:
             self.release_finalizer(ns, pod_name)
         for ev in plan.events:
             self.post_event(run, ev.type, ev.reason, ev.message)
+
+    def create_all(self, objs: list[dict[str, Any]]) -> None:
+        """The pod's supporting objects at once (they do not depend on each other), then the pod,
+        which needs them: a pod exists only once everything it uses does."""
+        support = [o for o in objs if o["kind"] != "Pod"]
+        if len(support) > 1:
+            for future in [self._creators.submit(self.ensure, o) for o in support]:
+                future.result()  # re-raises the first failure (the others still complete)
+        else:
+            for obj in support:
+                self.ensure(obj)
+        for obj in objs:
+            if obj["kind"] == "Pod":
+                self.ensure(obj)
 
     def ensure(self, obj: dict[str, Any]) -> None:
         kind = obj["kind"]

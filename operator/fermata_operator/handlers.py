@@ -92,7 +92,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=opsettings.workers + 4, thread_name_prefix="fermata-reconcile")
     )
-    ctl = RunController(api=api_client(pool_size=opsettings.workers), settings=opsettings)
+    ctl = RunController(api=api_client(pool_size=2 * opsettings.workers), settings=opsettings)
     ctl.prices = await asyncio.to_thread(load_prices, ctl, opsettings)
     memo["controller"] = ctl
     memo["gate"] = ReconcileGate(opsettings.workers)

@@ -27,6 +27,7 @@ from fermata_operator import idle as idle_policy
 from fermata_operator import podspec, spot
 from fermata_operator.api import (
     TERMINAL_PHASES,
+    AbortReport,
     Decision,
     NoGoAction,
     Phase,
@@ -44,7 +45,14 @@ from fermata_operator.settings import (
     POD_FINALIZER,
     OperatorSettings,
 )
-from fermata_trainer.contract import CheckpointRequest, TrainerControl, TrainerProgress, TrainerState
+from fermata_trainer.contract import (
+    CheckpointRequest,
+    StopReport,
+    TrainerControl,
+    TrainerProgress,
+    TrainerState,
+    report_key,
+)
 
 #: Status keys the trainer owns; the operator never writes them.
 TRAINER_KEYS = {"progress", "lastCheckpoint"}
@@ -275,12 +283,37 @@ def plan(obs: Observed, settings: OperatorSettings) -> Plan:
         if pod is not current and active(pod):
             p.stop_pods.append((pod["metadata"]["name"], "superseded"))
 
+    def trainer_alive(pod_name: str) -> bool:
+        """The trainer in this pod reported recently (so it will see a request in status)."""
+        prog = st.progress
+        if prog is None or prog.pod_name != pod_name or prog.state is TrainerState.stopped:
+            return False
+        return (now - prog.heartbeat_time).total_seconds() <= 3 * settings.trainer_heartbeat_seconds
+
+    def let_trainer_finish(pod_name: str) -> bool:
+        """Stopping: the trainer was asked to checkpoint and exit on its own; give it until it
+        acknowledges or ``checkpoint_request_timeout_seconds`` pass, then SIGTERM it."""
+        req = st.control.checkpoint_request if st.control else None
+        if req is None or not req.stop or not req.id.startswith(pod_name + "-stop"):
+            return False
+        acked = st.progress is not None and st.progress.checkpoint_request_ack == req.id
+        waited = (now - req.time).total_seconds()
+        # Acknowledged: the checkpoint is written and the trainer is on its way out (abort report,
+        # last status); not yet: it is alive and should see the request at its next heartbeat.
+        return waited < settings.checkpoint_request_timeout_seconds and (acked or trainer_alive(pod_name))
+
     # --- terminal: make sure nothing runs ------------------------------------------------
     if st.phase in TERMINAL_PHASES:
+        waiting = False
         for pod in pods:
             if active(pod):
+                if let_trainer_finish(pod["metadata"]["name"]):
+                    waiting = True
+                    continue
                 p.stop_pods.append((pod["metadata"]["name"], st.phase.value if st.phase else "stopped"))
-        if any(active(pd) for pd in pods) or p.release_finalizers:
+        if waiting:
+            p.requeue_after = 1.0
+        elif any(active(pd) for pd in pods) or p.release_finalizers:
             p.requeue_after = 5.0
         if st.completion_time is None and not any(active(pd) for pd in pods):
             st.completion_time = now
@@ -289,6 +322,24 @@ def plan(obs: Observed, settings: OperatorSettings) -> Plan:
     # --- a stop in progress --------------------------------------------------------------
     def stop(phase: Phase, reason: str, message: str, decision: Decision | None) -> Plan:
         st.stop = StopIntent(phase=phase, reason=reason, message=message, time=now)
+        # The abort report: its summary in status, the JSON written by the trainer as it stops.
+        report = StopReport(
+            id=f"{reason.lower()}-{now.strftime('%Y%m%dT%H%M%SZ')}",
+            phase=phase.value,
+            reason=reason,
+            decision=decision.value if decision else None,
+            message=message,
+            time=now,
+            step=st.progress.step if st.progress else None,
+            cost_usd=st.cost.accrued_usd if st.cost else None,
+            evidence=dict(st.gates[-1].evidence) if st.gates else {},
+        )
+        ctl = st.control or TrainerControl()
+        st.control = TrainerControl(checkpoint_request=ctl.checkpoint_request, stop_report=report)
+        base = spec.storage.checkpoints.rstrip("/")
+        st.abort_report = AbortReport(
+            uri=f"{base}/{report_key(report.id)}", reason=reason, summary=message, time=now
+        )
         st.phase = phase
         st.message = message
         if decision is not None:
@@ -296,8 +347,20 @@ def plan(obs: Observed, settings: OperatorSettings) -> Plan:
             st.decision_reason = message
         st.retry_after = None
         for pod in pods:
-            if active(pod):
-                p.stop_pods.append((pod["metadata"]["name"], reason))
+            if not active(pod):
+                continue
+            pname = pod["metadata"]["name"]
+            if pod is current and trainer_alive(pname):
+                # Tell the trainer to checkpoint, write the abort report and exit by itself;
+                # the pod is SIGTERMed only if it does not within the timeout.
+                st.control = TrainerControl(
+                    checkpoint_request=CheckpointRequest(
+                        id=f"{pname}-stop-{reason.lower()}", reason=reason, time=now, stop=True
+                    ),
+                    stop_report=report,
+                )
+            else:
+                p.stop_pods.append((pname, reason))
         if not any(active(pd) for pd in pods):
             st.completion_time = now
         set_cond(cond.READY, False, reason, message)

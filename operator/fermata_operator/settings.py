@@ -62,10 +62,10 @@ class OperatorSettings:
     #: remaining budget, projection). With the default, a run in steady state costs the API at
     #: most one request a minute; anything else (phase, conditions, closed spans) is written at once.
     cost_write_seconds: float = 60.0
-    #: Reconciles that may run at once (threads; also the API connection pool size).
-    workers: int = 16
+    #: Reconciles that may run at once (threads); the API connection pool holds twice as many.
+    workers: int = 32
     #: How long the trainer gets to answer a checkpoint request before its pod is stopped.
-    checkpoint_request_timeout_seconds: float = 300.0
+    checkpoint_request_timeout_seconds: float = 120.0
     #: Heartbeat interval written into the trainer's config.
     trainer_heartbeat_seconds: float = 30.0
     #: Extra tolerations for spot capacity (JSON list in FERMATA_SPOT_TOLERATIONS).

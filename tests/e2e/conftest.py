@@ -67,6 +67,8 @@ class OperatorProcess:
             "FERMATA_LOG_FORMAT": "json",
             "FERMATA_RESYNC_SECONDS": "2",
             "FERMATA_PRICE_TABLE": "fermata-system/absent",
+            # Test trainers that never answer a stop request are SIGTERMed after 3 s.
+            "FERMATA_CHECKPOINT_REQUEST_TIMEOUT_SECONDS": "3",
             **self.env,
         }
         self.proc = subprocess.Popen(

@@ -30,8 +30,6 @@ from fermata_operator.local.cluster import LocalControlPlane
 from fermata_operator.local.kubelet import LocalKubelet
 from tests.e2e.conftest import OperatorProcess, Runs, spec, wait_for
 
-pytestmark = pytest.mark.cluster
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -86,6 +84,7 @@ def _write_trainer_outputs(storage_dir: Path, work: Path) -> Any:
     return store.write(40, 0, "periodic", {"metrics.json": metrics, "lm.pt": weights})
 
 
+@pytest.mark.cluster
 def test_status_report_suspend_resume_logs(
     runs: Runs,
     operator: OperatorProcess,
@@ -219,3 +218,42 @@ def test_status_report_suspend_resume_logs(
     proc = kubectl_fermata(control_plane, kubeconfig, "status", "missing", "-n", runs.ns)
     assert proc.returncode == 1
     assert proc.stderr == f'error: trainingrun "missing" not found in namespace "{runs.ns}"\n'
+
+
+# ------------------------------------------------------------------------------- without a cluster
+
+
+def test_cost_curve_integrates_segments() -> None:
+    from fermata_operator.kubectl_plugin import cost_curve
+
+    status = {
+        "cost": {
+            "updated": "2026-03-01T03:00:00Z",
+            "segments": [
+                # one hour at $0.39, a gap, then an open span at $1.30 until `updated`
+                {
+                    "pod": "r-0",
+                    "start": "2026-03-01T00:00:00Z",
+                    "end": "2026-03-01T01:00:00Z",
+                    "hourlyUSD": 0.39,
+                },
+                {"pod": "r-1", "start": "2026-03-01T02:00:00Z", "hourlyUSD": 1.30},
+            ],
+        }
+    }
+    curve = cost_curve(status, datetime(2026, 3, 1, 5, tzinfo=UTC))
+    assert [(t.hour, round(usd, 4)) for t, usd in curve] == [(0, 0.0), (1, 0.39), (2, 0.39), (3, 1.69)]
+
+
+def test_status_without_status_and_condition_polarity() -> None:
+    from fermata_operator.kubectl_plugin import condition_is_ok, render_status
+
+    run = {"metadata": {"name": "new", "namespace": "ml"}, "spec": {"budget": {"maxUSD": 600}}}
+    text = render_status(run)
+    assert text.startswith("new (ml)  New\n")
+    assert "$0.00 of $600.00  [--------------------] 0.0%" in text
+    assert condition_is_ok({"type": "Ready", "status": "True"})
+    assert not condition_is_ok({"type": "Ready", "status": "Unknown"})
+    assert condition_is_ok({"type": "BudgetWarning", "status": "False"})
+    assert not condition_is_ok({"type": "Interrupted", "status": "True"})
+    assert condition_is_ok({"type": "Complete", "status": "False"})

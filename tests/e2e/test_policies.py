@@ -81,10 +81,11 @@ def test_budget_crossed_mid_run_stops_the_pod_within_the_stated_overshoot(
     assert "budget" in st["decisionReason"]
     wait_for(lambda: runs.pods("budget") == [], timeout=30, what="pod stopped and released")
     final = runs.status("budget")["cost"]
-    # Overshoot bound (README): rate x (reconcile latency + grace period). Here the test kubelet
-    # stops the pod at once, so the bound is rate x (resync 2 s + event latency), a few cents.
+    # Overshoot bound (README): rate x (reconcile latency + checkpoint-request timeout + grace
+    # period). Here: the reported trainer never answers, so it is SIGTERMed after the 3 s timeout
+    # and the test kubelet stops it at once: 1 cent/s x (~1 s latency + 3 s + slack).
     overshoot = final["accruedUSD"] - 0.10
-    assert 0 <= overshoot <= 0.01 * 5, final
+    assert 0 <= overshoot <= 0.01 * 8, final
     assert final["segments"][0]["end"] is not None
     reasons = {e.reason for e in runs.events("budget")}
     assert {"BudgetWarning", "BudgetExceeded"} <= reasons

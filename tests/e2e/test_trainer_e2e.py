@@ -9,11 +9,13 @@ SIGTERM → the trainer writes a checkpoint), the operator recreates the pod fro
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 
 from fermata_operator.local.kubelet import LocalKubelet
 from fermata_trainer.synthetic import make_mtat_tree
@@ -124,3 +126,63 @@ def test_real_trainer_through_an_interruption_to_a_final_decision(
     assert any(k.endswith(".wav") for k in keys)
     managers = {m["manager"] for m in runs.get("e2e")["metadata"]["managedFields"]}
     assert {"fermata-trainer", "fermata-operator"} <= managers
+
+
+def test_no_go_gate_stops_the_real_trainer_and_writes_the_abort_report(
+    runs: Runs,
+    operator_factory: Any,
+    kubelet: LocalKubelet,
+    s3_server: Any,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    bucket = s3_server.make_bucket("nogo")
+    data = _upload_tree(
+        s3_server, bucket, make_mtat_tree(tmp_path / "mtat", clips=8, seconds=(2.5,)).root, "mtat"
+    )
+    secret = {k: v for k, v in s3_server.env().items() if k.startswith("AWS_") and k != "AWS_DEFAULT_REGION"}
+    runs.core.create_namespaced_secret(runs.ns, {"metadata": {"name": "s3-creds"}, "stringData": secret})
+    kubelet.executables["fermata-train"] = str(Path(sys.executable).parent / "fermata-train")
+    kubelet.set_mode("exec")
+    # A real trainer answers the stop request: give it the production-like patience.
+    operator_factory(
+        runs.ns, FERMATA_TRAINER_HEARTBEAT_SECONDS="1", FERMATA_CHECKPOINT_REQUEST_TIMEOUT_SECONDS="60"
+    )
+    runs.create(
+        "nogo",
+        spec(
+            model={"base": "tiny://seed=1"},
+            dataset={"uri": data, "minTags": 3, "segmentSeconds": 2.0, "validationFraction": 0.25},
+            training={
+                "epochs": 200,
+                "maxSteps": 400,
+                "batchSize": 4,
+                "checkpointEverySteps": 50,
+                "evaluateEverySteps": 5,
+            },
+            evaluation={"clipSeconds": 2.0},
+            storage={"checkpoints": f"s3://{bucket}/runs/nogo/", "credentialsSecret": "s3-creds"},
+            # Impossible after 5 steps: a validation loss under 0.01.
+            gates=[{"name": "early", "at": {"step": 5}, "require": {"maxValidationLoss": 0.01}}],
+            idle={"timeout": "5m", "minGpuUtilization": 0.0},
+        ),
+    )
+    st = wait_for(
+        lambda: (s := runs.status("nogo")).get("phase") == "Stopped" and s, timeout=300, what="Stopped"
+    )
+    assert st["decision"] == "NO-GO" and "validationLoss" in st["decisionReason"]
+    uri = st["abortReport"]["uri"]
+    key = uri.removeprefix(f"s3://{bucket}/")
+
+    def abort_report() -> dict[str, Any] | None:
+        try:
+            return dict(json.loads(s3_server.client().get_object(Bucket=bucket, Key=key)["Body"].read()))
+        except ClientError:
+            return None  # not written yet: the trainer is checkpointing first
+
+    body = wait_for(abort_report, timeout=120, what="abort report in S3")
+    assert body["reason"] == "GateNoGo" and body["decision"] == "NO-GO"
+    assert body["evidence"]["maxValidationLoss"] == 0.01
+    assert body["lastCheckpoint"]["step"] >= 5
+    wait_for(
+        lambda: runs.status("nogo")["progress"].get("stopReportUri") == uri, timeout=60, what="trainer ack"
+    )

@@ -354,7 +354,19 @@ def test_gate_decisions(val_loss: float, auth: float, expected: str, phase: str)
     outcome = r["status"]["gates"][0]
     assert outcome["name"] == "week-5" and outcome["evidence"]["validationLoss"] == val_loss
     assert r["status"]["phase"] == phase
-    assert (("demo-0", "GateNoGo") in p.stop_pods) is (expected == "NO-GO")
+    assert not p.stop_pods
+    if expected == "NO-GO":
+        # The live trainer is asked to checkpoint and exit by itself ...
+        req = r["status"]["control"]["checkpointRequest"]
+        assert req["stop"] is True and req["id"] == "demo-0-stop-gatenogo"
+        assert not step(r, [pod], timedelta(days=35, seconds=30)).stop_pods
+        # ... and is stopped the hard way if it has not acknowledged within the timeout.
+        late = step(r, [pod], timedelta(days=35, seconds=1 + SETTINGS.checkpoint_request_timeout_seconds + 1))
+        assert ("demo-0", "Stopped") in late.stop_pods
+        report = r["status"]["control"]["stopReport"]
+        assert report["reason"] == "GateNoGo" and report["decision"] == "NO-GO"
+        assert report["evidence"]["validationLoss"] == val_loss
+        assert r["status"]["abortReport"]["uri"] == f"s3://ml-runs/demo/reports/{report['id']}.json"
 
 
 def test_completion_gives_final_decision_and_releases_finalizer() -> None:

@@ -410,6 +410,9 @@ class TrainerProgress(_Model):
     checkpoint_request_ack: str | None = Field(
         default=None, description="Id of the last status.control.checkpointRequest answered."
     )
+    stop_report_uri: str | None = Field(
+        default=None, description="Where the trainer wrote status.control.stopReport."
+    )
     message: str | None = Field(default=None, description="Human-readable note (errors, skips).")
 
 
@@ -436,10 +439,35 @@ class CheckpointRequest(_Model):
     stop: bool = Field(default=False, description="Exit after the checkpoint is written.")
 
 
+class StopReport(_Model):
+    """Why the operator is stopping the run; the trainer writes it next to its checkpoints as
+    ``reports/<id>.json`` (the abort report) when it stops."""
+
+    id: str = Field(description="Report id (also its file name).")
+    phase: str = Field(description="Phase the run ends in.")
+    reason: str = Field(description="CamelCase reason: BudgetExceeded, Idle, GateNoGo, ...")
+    decision: str | None = Field(default=None, description="GO, NO-GO or CONDITIONAL-GO.")
+    message: str = Field(default="", description="Human-readable summary.")
+    time: datetime = Field(description="When the stop was decided.")
+    step: int | None = Field(default=None, description="Last step reported before the stop.")
+    cost_usd: float | None = Field(default=None, description="Accrued cost at the stop.")
+    evidence: dict[str, float] = Field(default_factory=dict, description="Metrics and thresholds.")
+
+
 class TrainerControl(_Model):
     """What the operator writes at ``status.control`` for the trainer to read."""
 
-    checkpoint_request: CheckpointRequest | None = None
+    checkpoint_request: CheckpointRequest | None = Field(
+        default=None, description="Write a checkpoint now (and stop, if asked)."
+    )
+    stop_report: StopReport | None = Field(
+        default=None, description="The abort report the trainer writes when it stops."
+    )
+
+
+def report_key(report_id: str) -> str:
+    """Where an abort report lives, relative to ``storage.checkpoints``."""
+    return f"reports/{report_id}.json"
 
 
 def read_control(run_object: dict[str, Any]) -> TrainerControl:
@@ -469,6 +497,7 @@ __all__ = [
     "Precision",
     "ReportingSpec",
     "RunRef",
+    "StopReport",
     "StorageSpec",
     "TrainerConfig",
     "TrainerControl",
@@ -478,5 +507,6 @@ __all__ = [
     "TrainingSpec",
     "parse_duration",
     "read_control",
+    "report_key",
     "resolve_mount_path",
 ]

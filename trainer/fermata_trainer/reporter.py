@@ -11,6 +11,7 @@ training never stops because the API server is unreachable.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from typing import Any, Protocol
 
@@ -149,7 +150,7 @@ class KubernetesStatusReporter:
                 "status_report_failed",
                 run=f"{self.run.namespace}/{self.run.name}",
                 failures=self.failures,
-                error=f"{type(exc).__name__}: {str(exc)[:500]}",
+                error=describe_error(exc),
             )
             return None
         if self.failures:
@@ -162,6 +163,20 @@ class KubernetesStatusReporter:
             return
         with contextlib.suppress(Exception):
             self._api_client.close()
+
+
+def describe_error(exc: Exception) -> str:
+    """A short, readable error: the API's own message for API errors, not the HTTP headers."""
+    body = getattr(exc, "body", None)
+    status = getattr(exc, "status", None)
+    if body:
+        try:
+            message = json.loads(body).get("message")
+        except (ValueError, AttributeError):
+            message = None
+        if message:
+            return f"HTTP {status}: {message}"[:800]
+    return f"{type(exc).__name__}: {str(exc)[:500]}"
 
 
 def make_reporter(run: RunRef) -> StatusReporter:

@@ -43,11 +43,13 @@ from fermata_trainer.contract import (
     CheckpointRequest,
     PodEnv,
     Precision,
+    StopReport,
     TrainerConfig,
     TrainerProgress,
     TrainerState,
     TrainerStatus,
     read_control,
+    report_key,
     resolve_mount_path,
 )
 from fermata_trainer.dataset import AudioFetcher, EmptySubsetError, prepare_dataset
@@ -166,6 +168,9 @@ class Trainer:
         self.checkpoint_step: int | None = None
         self.ack: str | None = None
         self.pending_request: CheckpointRequest | None = None
+        self.stop_report: StopReport | None = None
+        self.last_report_ok = False
+        self.stop_report_uri: str | None = None
         self.signal_received: str | None = None
         self.message: str | None = None
         self._last_report = 0.0
@@ -229,6 +234,7 @@ class Trainer:
             gpu_utilization=gpu_util,
             gpu_memory_bytes=gpu_mem,
             checkpoint_request_ack=self.ack,
+            stop_report_uri=self.stop_report_uri,
             message=self.message,
         )
 
@@ -252,9 +258,13 @@ class Trainer:
             response = self.reporter.report(status)
         except Exception as exc:  # reporting never stops training
             log.warning("status_report_error", error=f"{type(exc).__name__}: {exc}")
-            return
+            response = None
+        self.last_report_ok = response is not None
         if response:
-            request = read_control(response).checkpoint_request
+            control = read_control(response)
+            if control.stop_report is not None:
+                self.stop_report = control.stop_report
+            request = control.checkpoint_request
             if request is not None and request.id != self.ack:
                 if self.pending_request is None or self.pending_request.id != request.id:
                     log.info(
@@ -264,6 +274,36 @@ class Trainer:
                         stop=request.stop,
                     )
                 self.pending_request = request
+
+    def _final_report(self, message: str, attempts: int = 5) -> None:
+        """The last report before exiting matters (it carries the SIGTERM checkpoint and fetches
+        the operator's abort report): retry it briefly instead of giving up at once."""
+        for attempt in range(attempts):
+            self.report(TrainerState.stopped, message=message)
+            if self.last_report_ok or isinstance(self.reporter, NullReporter):
+                return
+            time.sleep(min(4.0, 0.25 * 2**attempt))
+
+    def _write_stop_report(self, storage: Storage) -> None:
+        """Write the operator's abort report (if it sent one) next to the checkpoints."""
+        report = self.stop_report
+        if report is None or not self.dist.is_main:
+            return
+        key = report_key(report.id)
+        body = {
+            **report.wire(),
+            "run": self.config.run.wire(),
+            "lastCheckpoint": self.last_checkpoint.wire() if self.last_checkpoint else None,
+            "trainer": self._progress(TrainerState.stopped).wire(),
+        }
+        try:
+            storage.write_text(key, json.dumps(body, indent=2, sort_keys=True))
+        except Exception as exc:  # the summary is in the run's status anyway
+            log.warning("stop_report_error", error=f"{type(exc).__name__}: {exc}")
+            return
+        self.stop_report_uri = storage.uri_of(key)
+        log.info("stop_report_written", uri=self.stop_report_uri, reason=report.reason)
+        self.report(TrainerState.stopped)
 
     def _heartbeat_due(self) -> bool:
         return time.monotonic() - self._last_report >= self.config.reporting.heartbeat_seconds
@@ -545,7 +585,8 @@ class Trainer:
                     why = self.signal_received or (
                         f"checkpoint request {request.id}" if request else "stop file"
                     )
-                    self.report(TrainerState.stopped, message=f"stopped after step {self.step}: {why}")
+                    self._final_report(f"stopped after step {self.step}: {why}")
+                    self._write_stop_report(store.storage)
                     log.info("trainer_stopped", step=self.step, reason=why)
                     return self._outcome(EXIT_STOPPED_WITH_CHECKPOINT, TrainerState.stopped)
                 self.report(TrainerState.training)
