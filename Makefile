@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PACKAGES := operator/fermata_operator trainer/fermata_trainer
 
-.PHONY: all venv demo test test-fast lint typecheck crds crds-check cluster-bin s3-bin local-up local-down clean
+.PHONY: all venv demo test test-fast lint typecheck crds crds-check cluster-bin s3-bin helm-bin promtool local-up local-down clean
 
 all: test
 
@@ -32,6 +32,14 @@ cluster-bin:
 s3-bin:
 	bash tests/s3server/build.sh
 
+# Helm v3 (tools/helm/go.mod: helm.sh/helm/v3 v3.22.0) for the chart tests. Cold ~3 min; then instant.
+helm-bin:
+	bash tools/helm/build.sh
+
+# promtool, from Debian's prometheus package, for the alert-rule tests.
+promtool:
+	command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
 crds: venv
 	$(BIN)/python -m fermata_operator.crdgen
 
@@ -47,7 +55,7 @@ typecheck: venv
 
 # Everything CI runs: lint, types, CRD drift, and the whole test suite (unit, trainer on CPU,
 # operator against the real API server, S3 against a real server).
-test: venv cluster-bin s3-bin crds-check lint typecheck
+test: venv cluster-bin s3-bin helm-bin promtool crds-check lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # Only the tests that need neither Go binary.
@@ -65,4 +73,4 @@ local-down: venv
 	$(BIN)/fermata local down
 
 clean:
-	rm -rf $(VENV) tests/cluster/bin tests/s3server/bin .fermata *.egg-info
+	rm -rf $(VENV) tests/cluster/bin tests/s3server/bin tools/helm/bin .fermata *.egg-info

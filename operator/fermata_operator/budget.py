@@ -1,11 +1,11 @@
 """The dollar budget: warn, stop at the budget, and optionally stop on a projected overrun.
 
 Overshoot bound (documented in the README): the operator wakes at the moment the accrued cost
-reaches ``maxUSD`` at the current burn rate (never later than its resync period), then deletes
-the pod; the trainer checkpoints on SIGTERM and exits within the pod's
-``terminationGracePeriodSeconds``. So the spend past the budget is at most
-``hourly rate × (reconcile latency + terminationGracePeriodSeconds) / 3600`` — for one
-g4dn.xlarge spot GPU ($0.39/h) and the default 150 s grace period, under 2 cents.
+reaches ``maxUSD`` at the current burn rate (never later than its resync period) and asks the
+trainer to checkpoint and exit; a trainer that has not done so within
+``FERMATA_CHECKPOINT_REQUEST_TIMEOUT_SECONDS`` (120 s) gets SIGTERM and the pod's
+``terminationGracePeriodSeconds`` (150 s). So the spend past the budget is at most
+``hourly rate × (reconcile latency + 120 s + 150 s) / 3600``.
 """
 
 from __future__ import annotations

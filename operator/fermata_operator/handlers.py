@@ -108,14 +108,21 @@ def load_prices(ctl: RunController, opsettings: OperatorSettings) -> cost_policy
     ns, _, name = opsettings.price_table.partition("/")
     try:
         cm = ctl.core.read_namespaced_config_map(name, ns)
+        table = cost_policy.PriceTable.from_config_map_data(cm.data)
     except ApiException as exc:
         log.warning(
             "price table not found; using built-in prices",
             configmap=opsettings.price_table,
             status=exc.status,
         )
-        return cost_policy.PriceTable()
-    return cost_policy.PriceTable.from_config_map_data(cm.data)
+        table = cost_policy.PriceTable()
+    if opsettings.aws_pricing:
+        from fermata_operator.aws_prices import CachedPrices, boto3_fetcher
+
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        table.live = CachedPrices(boto3_fetcher(region))
+        log.info("live AWS prices enabled", region=region)
+    return table
 
 
 @kopf.index("", "v1", "pods", labels={LABEL_RUN: kopf.PRESENT})
