@@ -42,6 +42,7 @@ def test_live_prices_are_cached_and_failures_fall_back() -> None:
     now[0] = 3700
     cache("g5.xlarge", "spot")
     assert len(calls) == 4  # refreshed after the TTL
+
     def down(it: str, cap: str) -> float | None:
         raise ConnectionError("no route to AWS")
 

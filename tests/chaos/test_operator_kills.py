@@ -1,0 +1,149 @@
+"""kill -9 the operator at random (seeded) points while 20 runs are created, interrupted,
+suspended and resumed: afterwards no run ever had two live pods, every pod's real life is billed
+exactly once (``status.cost.segments`` against the pods' ``startTime`` / ``finishedAt``), and every
+interruption is counted exactly once."""
+
+from __future__ import annotations
+
+import heapq
+import random
+import time
+from typing import Any
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from fermata_operator.local.kubelet import LocalKubelet
+from tests.chaos.conftest import PodLedger, check_cost_segments
+from tests.e2e.conftest import OperatorProcess, Runs, spec, wait_for
+
+pytestmark = [pytest.mark.chaos, pytest.mark.cluster]
+
+RUNS = 20
+KILLS = 8
+INTERRUPTIONS = 12
+SUSPENDS = 3
+CHAOS_SECONDS = 30.0
+
+
+def _spec() -> dict[str, Any]:
+    return spec(
+        spot={
+            "backoffSeconds": 0,
+            "maxBackoffSeconds": 0,
+            "maxInterruptions": 100,
+            "fallbackToOnDemandAfter": 0,
+        },
+        failures={"maxRetries": 0},
+    )
+
+
+def _timeline(rng: random.Random, names: list[str]) -> list[tuple[float, int, str, str]]:
+    actions: list[tuple[float, int, str, str]] = []
+    seq = iter(range(10_000))
+    for name in names:
+        actions.append((rng.uniform(0.0, 8.0), next(seq), "create", name))
+    for _ in range(KILLS):
+        actions.append((rng.uniform(0.5, CHAOS_SECONDS), next(seq), "kill", ""))
+    for _ in range(INTERRUPTIONS):
+        actions.append((rng.uniform(6.0, CHAOS_SECONDS), next(seq), "interrupt", rng.choice(names)))
+    for name in rng.sample(names, SUSPENDS):
+        at = rng.uniform(8.0, CHAOS_SECONDS - 8.0)
+        actions.append((at, next(seq), "suspend", name))
+        actions.append((at + rng.uniform(2.0, 6.0), next(seq), "resume", name))
+    heapq.heapify(actions)
+    return actions
+
+
+def test_kill_9_at_random_points_keeps_one_pod_per_run_and_exact_costs(
+    runs: Runs,
+    operator_factory: Any,
+    kubelet: LocalKubelet,
+    spot_nodes: Any,
+    ledger: PodLedger,
+    chaos_rng: random.Random,
+) -> None:
+    spot_nodes(RUNS + 4)
+    op: OperatorProcess = operator_factory(runs.ns)
+    names = [f"k{i:02d}" for i in range(RUNS)]
+    actions = _timeline(chaos_rng, names)
+    interrupted: dict[str, list[str]] = {n: [] for n in names}
+    suspended: set[str] = set()
+    kills = 0
+    log: list[str] = []
+    start = time.monotonic()
+    while actions:
+        at, _, what, name = heapq.heappop(actions)
+        time.sleep(max(0.0, start + at - time.monotonic()))
+        log.append(f"{at:6.2f} {what} {name}")
+        if what == "create":
+            runs.create(name, _spec())
+        elif what == "kill":
+            if op.proc is not None and op.proc.poll() is None:
+                op.kill()
+                kills += 1
+                heapq.heappush(actions, (at + chaos_rng.uniform(0.0, 2.0), 0, "restart", ""))
+        elif what == "restart":
+            if op.proc is None or op.proc.poll() is not None:
+                op.start()
+        elif what == "interrupt":
+            live = [p for p in ledger.live(name) if p.phase == "Running"]
+            if name in suspended or not live:
+                log[-1] += " (skipped: no running pod)"
+                continue
+            try:
+                runs.core.delete_namespaced_pod(live[0].name, runs.ns)
+                interrupted[name].append(live[0].name)
+                log[-1] += f" {live[0].name}"
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+        elif what == "suspend":
+            suspended.add(name)
+            runs.patch_spec(name, {"suspend": True})
+        elif what == "resume":
+            suspended.discard(name)
+            runs.patch_spec(name, {"suspend": False})
+    if op.proc is None or op.proc.poll() is not None:
+        op.start()
+    assert kills == KILLS, log
+
+    def settled(name: str) -> bool:
+        st = runs.status(name)
+        live = ledger.live(name)
+        pods = ledger.of_run(name)
+        return (
+            st.get("phase") == "Running"
+            and len(live) == 1
+            and live[0].phase == "Running"
+            and (st.get("pod") or {}).get("name") == live[0].name
+            and all(p.gone for p in pods if not p.live)  # every ended pod billed and released
+            and not check_cost_segments(st, pods)
+        )
+
+    try:
+        wait_for(lambda: all(settled(n) for n in names), timeout=90, interval=1.0, what="all runs settled")
+    finally:
+        context = "\n".join(log) + "\n--- operator log tail:\n" + op.log()[-3000:]
+    problems: list[str] = []
+    for name in names:
+        st = runs.status(name)
+        pods = ledger.of_run(name)
+        problems += [f"{name}: {p}" for p in check_cost_segments(st, pods)]
+        if st.get("interruptions", 0) != len(interrupted[name]):
+            problems.append(
+                f"{name}: {st.get('interruptions')} interruptions counted, "
+                f"{len(interrupted[name])} caused ({interrupted[name]})"
+            )
+        if st.get("failures", 0) != 0:
+            problems.append(f"{name}: failures={st.get('failures')}: {st.get('message')}")
+    segments = sum(len((runs.status(n).get("cost") or {}).get("segments") or []) for n in names)
+    print(
+        f"{kills} kills, {sum(len(v) for v in interrupted.values())} interruptions, {SUSPENDS} suspends, "
+        f"{len(ledger.pods)} pods, {segments} billed segments checked"
+    )
+    assert not ledger.violations, ledger.violations
+    assert not problems, "\n".join(problems) + "\n" + context
+    assert "Traceback" not in op.log(), op.log()[-5000:]
+    # The run really went through the chaos: pods were replaced and billed.
+    assert sum(len(v) for v in interrupted.values()) >= INTERRUPTIONS // 2, context
