@@ -42,36 +42,18 @@ def put(
 ) -> list[Condition]:
     """Return conditions with ``ctype`` set; keeps lastTransitionTime unless status changed."""
     value = status if isinstance(status, str) else ("True" if status else "False")
-    out: list[Condition] = []
-    found = False
-    for c in conditions:
-        if c.type != ctype:
-            out.append(c)
-            continue
-        found = True
-        changed = c.status != value
-        out.append(
-            Condition(
-                type=ctype,
-                status=value,
-                reason=reason,
-                message=message,
-                last_transition_time=now if changed else c.last_transition_time,
-                observed_generation=generation,
-            )
-        )
-    if not found:
-        out.append(
-            Condition(
-                type=ctype,
-                status=value,
-                reason=reason,
-                message=message,
-                last_transition_time=now,
-                observed_generation=generation,
-            )
-        )
-    return out
+    old = get(conditions, ctype)
+    new = Condition(
+        type=ctype,
+        status=value,
+        reason=reason,
+        message=message,
+        last_transition_time=old.last_transition_time if old is not None and old.status == value else now,
+        observed_generation=generation,
+    )
+    if old is None:
+        return [*conditions, new]
+    return [new if c.type == ctype else c for c in conditions]
 
 
 def drop(conditions: list[Condition], ctype: str) -> list[Condition]:

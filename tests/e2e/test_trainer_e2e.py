@@ -33,6 +33,28 @@ def _upload_tree(s3: Any, bucket: str, root: Path, prefix: str) -> str:
     return f"s3://{bucket}/{prefix}/"
 
 
+def real_trainer_setup(
+    runs: Runs,
+    kubelet: LocalKubelet,
+    s3: Any,
+    tmp_path: Path,
+    name: str,
+    clips: int,
+    seconds: tuple[float, ...],
+) -> tuple[str, str]:
+    """A synthetic MagnaTagATune tree on the S3 server, its credentials as a Secret, and the
+    test kubelet running pods' commands for real. Returns (bucket, dataset URI)."""
+    bucket = s3.make_bucket(name)
+    data = _upload_tree(
+        s3, bucket, make_mtat_tree(tmp_path / "mtat", clips=clips, seconds=seconds).root, "mtat"
+    )
+    secret = {k: v for k, v in s3.env().items() if k.startswith("AWS_") and k != "AWS_DEFAULT_REGION"}
+    runs.core.create_namespaced_secret(runs.ns, {"metadata": {"name": "s3-creds"}, "stringData": secret})
+    kubelet.executables["fermata-train"] = str(Path(sys.executable).parent / "fermata-train")
+    kubelet.set_mode("exec")
+    return bucket, data
+
+
 def test_real_trainer_through_an_interruption_to_a_final_decision(
     runs: Runs,
     operator_factory: Any,
@@ -40,14 +62,7 @@ def test_real_trainer_through_an_interruption_to_a_final_decision(
     s3_server: Any,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    bucket = s3_server.make_bucket("e2e")
-    data = _upload_tree(
-        s3_server, bucket, make_mtat_tree(tmp_path / "mtat", clips=12, seconds=(2.5, 3.0)).root, "mtat"
-    )
-    secret = {k: v for k, v in s3_server.env().items() if k.startswith("AWS_") and k != "AWS_DEFAULT_REGION"}
-    runs.core.create_namespaced_secret(runs.ns, {"metadata": {"name": "s3-creds"}, "stringData": secret})
-    kubelet.executables["fermata-train"] = str(Path(sys.executable).parent / "fermata-train")
-    kubelet.set_mode("exec")
+    bucket, data = real_trainer_setup(runs, kubelet, s3_server, tmp_path, "e2e", 12, (2.5, 3.0))
     operator: OperatorProcess = operator_factory(runs.ns, FERMATA_TRAINER_HEARTBEAT_SECONDS="1")
     runs.create(
         "e2e",
@@ -135,14 +150,7 @@ def test_no_go_gate_stops_the_real_trainer_and_writes_the_abort_report(
     s3_server: Any,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    bucket = s3_server.make_bucket("nogo")
-    data = _upload_tree(
-        s3_server, bucket, make_mtat_tree(tmp_path / "mtat", clips=8, seconds=(2.5,)).root, "mtat"
-    )
-    secret = {k: v for k, v in s3_server.env().items() if k.startswith("AWS_") and k != "AWS_DEFAULT_REGION"}
-    runs.core.create_namespaced_secret(runs.ns, {"metadata": {"name": "s3-creds"}, "stringData": secret})
-    kubelet.executables["fermata-train"] = str(Path(sys.executable).parent / "fermata-train")
-    kubelet.set_mode("exec")
+    bucket, data = real_trainer_setup(runs, kubelet, s3_server, tmp_path, "nogo", 8, (2.5,))
     # A real trainer answers the stop request: give it the production-like patience.
     operator_factory(
         runs.ns, FERMATA_TRAINER_HEARTBEAT_SECONDS="1", FERMATA_CHECKPOINT_REQUEST_TIMEOUT_SECONDS="60"
