@@ -70,6 +70,7 @@ def test_kill_9_at_random_points_keeps_one_pod_per_run_and_exact_costs(
     interrupted: dict[str, list[str]] = {n: [] for n in names}
     suspended: set[str] = set()
     kills = 0
+    restart_at = 0.0
     log: list[str] = []
     start = time.monotonic()
     while actions:
@@ -82,7 +83,11 @@ def test_kill_9_at_random_points_keeps_one_pod_per_run_and_exact_costs(
             if op.proc is not None and op.proc.poll() is None:
                 op.kill()
                 kills += 1
-                heapq.heappush(actions, (at + chaos_rng.uniform(0.0, 2.0), 0, "restart", ""))
+                restart_at = at + chaos_rng.uniform(0.0, 2.0)
+                heapq.heappush(actions, (restart_at, 0, "restart", ""))
+            else:  # already down: kill the next incarnation instead, at a random point of its life
+                heapq.heappush(actions, (restart_at + chaos_rng.uniform(0.1, 3.0), 1, "kill", ""))
+                log[-1] += " (operator down: postponed)"
         elif what == "restart":
             if op.proc is None or op.proc.poll() is not None:
                 op.start()
