@@ -365,7 +365,8 @@ def plan(obs: Observed, settings: OperatorSettings) -> Plan:
             st.completion_time = now
         set_cond(cond.READY, False, reason, message)
         set_cond(cond.PROGRESSING, False, reason, message)
-        events.append(Event("Warning" if decision is Decision.no_go else "Normal", reason, message))
+        if not any(e.reason == reason for e in events):  # a NO-GO gate already said it
+            events.append(Event("Warning" if decision is Decision.no_go else "Normal", reason, message))
         p.requeue_after = 5.0
         return finish(p)
 

@@ -355,6 +355,7 @@ def test_gate_decisions(val_loss: float, auth: float, expected: str, phase: str)
     assert outcome["name"] == "week-5" and outcome["evidence"]["validationLoss"] == val_loss
     assert r["status"]["phase"] == phase
     assert not p.stop_pods
+    assert len([e for e in p.events if e.reason.startswith("Gate")]) == 1
     if expected == "NO-GO":
         # The live trainer is asked to checkpoint and exit by itself ...
         req = r["status"]["control"]["checkpointRequest"]
