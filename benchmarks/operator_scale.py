@@ -21,9 +21,11 @@ as a few client threads can, and measures:
   → seconds from the budget crossing (pod ``startTime`` + maxUSD / rate, the operator's own
   accounting) to the pod's deletion being seen, and the billed spend past the budget in seconds.
 
-Nodes are played by the Python test kubelet (``--kubelet python``, one process per
-``--nodes-per-kubelet`` nodes; node status every ``--node-status-seconds``, as a kubelet's
-``nodeStatusReportFrequency``) or by kwok (``--kubelet kwok``, built by ``tools/kwok/build.sh``).
+Nodes are played by the Python test kubelet (:mod:`fermata_operator.local.kubelet`), one process
+per ``--nodes-per-kubelet`` nodes, in ``auto`` mode (a bound pod goes Running at once), posting
+node status every ``--node-status-seconds`` (like a kubelet's ``nodeStatusReportFrequency``; no
+node lifecycle controller runs, so nodes stay Ready). It carries N = 1000 with ~15 CPU seconds
+for the whole run, so kwok is not needed at this scale (see BENCHMARKS.md).
 
 Run (about 4 + 5 + 9 minutes on 2 cores)::
 
@@ -246,8 +248,9 @@ class PodWatcher:
 
 
 class NodeSimulator:
-    def __init__(self, kind: str, kubeconfig: Path, nodes: list[dict[str, Any]], workdir: Path, args: Any):
-        self.kind = kind
+    """Python test kubelets, each playing a slice of the nodes, as separate processes."""
+
+    def __init__(self, kubeconfig: Path, nodes: list[dict[str, Any]], workdir: Path, args: Any):
         self.kubeconfig = kubeconfig
         self.nodes = nodes
         self.workdir = workdir
@@ -255,35 +258,32 @@ class NodeSimulator:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> None:
-        if self.kind == "python":
-            per = self.args.nodes_per_kubelet
-            for i in range(0, len(self.nodes), per):
-                path = self.workdir / f"nodes-{i // per}.yaml"
-                path.write_text(yaml.safe_dump(self.nodes[i : i + per]))
-                log = (self.workdir / f"kubelet-{i // per}.log").open("ab")
-                self.procs.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "fermata_operator.local.kubelet",
-                            "--kubeconfig",
-                            str(self.kubeconfig),
-                            "--nodes",
-                            str(path),
-                            "--heartbeat-interval",
-                            str(self.args.node_status_seconds),
-                            "--workdir",
-                            str(self.workdir / f"kubelet-{i // per}"),
-                        ],
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env={**os.environ, "FERMATA_LOG_FORMAT": "json", "FERMATA_LOG_LEVEL": "WARNING"},
-                        start_new_session=True,
-                    )
+        per = self.args.nodes_per_kubelet
+        for i in range(0, len(self.nodes), per):
+            path = self.workdir / f"nodes-{i // per}.yaml"
+            path.write_text(yaml.safe_dump(self.nodes[i : i + per]))
+            log = (self.workdir / f"kubelet-{i // per}.log").open("ab")
+            self.procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "fermata_operator.local.kubelet",
+                        "--kubeconfig",
+                        str(self.kubeconfig),
+                        "--nodes",
+                        str(path),
+                        "--heartbeat-interval",
+                        str(self.args.node_status_seconds),
+                        "--workdir",
+                        str(self.workdir / f"kubelet-{i // per}"),
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "FERMATA_LOG_FORMAT": "json", "FERMATA_LOG_LEVEL": "WARNING"},
+                    start_new_session=True,
                 )
-        else:
-            raise SystemExit(f"unknown node simulator {self.kind}")
+            )
 
     def cpu_seconds(self) -> float:
         total = 0.0
@@ -424,7 +424,7 @@ def measure(n: int, args: Any, workroot: Path) -> Result:
         wait_until(
             lambda: bool(core.list_namespaced_service_account(NAMESPACE).items), 30, "default service account"
         )
-        sim = NodeSimulator(args.kubelet, cp.kubeconfig, make_nodes(n + spare), work, args)
+        sim = NodeSimulator(cp.kubeconfig, make_nodes(n + spare), work, args)
         t = time.monotonic()
         sim.start()
         wait_until(
@@ -442,7 +442,7 @@ def measure(n: int, args: Any, workroot: Path) -> Result:
             "FERMATA_LOG_FORMAT": "json",
             "FERMATA_RESYNC_SECONDS": str(args.resync),
             "FERMATA_PRICE_TABLE": "fermata-system/absent",
-            "PYTHONPATH": f"{ROOT / 'operator'}:{ROOT / 'trainer'}",
+            "PYTHONPATH": f"{args.operator_src}:{Path(args.operator_src).parent / 'trainer'}",
         }
         op = subprocess.Popen(
             [sys.executable, "-m", "fermata_operator"],
@@ -738,7 +738,6 @@ def table(results: list[Result]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=int, nargs="+", default=[100, 300, 1000])
-    p.add_argument("--kubelet", choices=["python", "kwok"], default="python")
     p.add_argument("--nodes-per-kubelet", type=int, default=500)
     p.add_argument("--node-status-seconds", type=float, default=300.0)
     p.add_argument("--spare-nodes", type=int, default=8)
@@ -751,6 +750,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-budget-usd", type=float, default=2.0)
     p.add_argument("--probe-hourly-usd", type=float, default=720.0)
     p.add_argument("--phase-timeout", type=float, default=300.0)
+    p.add_argument(
+        "--operator-src",
+        default=str(ROOT / "operator"),
+        help="the operator package's parent folder (e.g. a git worktree of another commit, to compare)",
+    )
     p.add_argument(
         "--no-audit", action="store_true", help="no audit log (no request counts; its overhead gone)"
     )

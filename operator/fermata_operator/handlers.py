@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -137,6 +138,14 @@ def nodes_by_name(*, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return {name: dict(body)}
 
 
+def _api_message(exc: ApiException) -> str:
+    """The API server's own explanation of a refused request (its Status ``message``)."""
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.body or "")[:500]
+    except (ValueError, AttributeError):
+        return str(exc.body or "")[:500]
+
+
 def _nodes_of(pods: list[dict[str, Any]], index: kopf.Index[Any, Any]) -> dict[str, dict[str, Any]]:
     """The cached Node objects the pods are placed on (not every node of the cluster)."""
     nodes: dict[str, dict[str, Any]] = {}
@@ -234,6 +243,7 @@ async def run_loop(
                     run=name,
                     status=exc.status,
                     reason=exc.reason,
+                    message=_api_message(exc),
                     retry_in=delay,
                 )
             except Exception:

@@ -21,8 +21,11 @@ import math
 import random
 import shutil
 import signal
+import sys
+import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,7 +69,7 @@ from fermata_trainer.logging_setup import bind_context, get_logger
 from fermata_trainer.model_loading import LoadedModel, load_model
 from fermata_trainer.optimization import build_optimizer, build_scheduler, codebook_cross_entropy
 from fermata_trainer.reporter import NullReporter, StatusReporter
-from fermata_trainer.storage import Storage, open_storage
+from fermata_trainer.storage import RetryPolicy, S3Storage, Storage, open_storage
 from fermata_trainer.telemetry import GpuMonitor, ProgressBar, TensorBoardSink
 
 log = get_logger(__name__)
@@ -305,6 +308,16 @@ class Trainer:
         log.info("stop_report_written", uri=self.stop_report_uri, reason=report.reason)
         self.report(TrainerState.stopped)
 
+    def _storage_trouble(self, attempt: int, error: BaseException | None) -> None:
+        """A storage call failed and is about to be retried: say so in the status now (the
+        retries can block the loop, and its heartbeats, for a while)."""
+        what = f"{type(error).__name__}: {error}" if error is not None else "error"
+        message = f"{STORAGE_TROUBLE}: {what}"[:700] + f"; retrying (attempt {attempt + 2})"
+        if threading.current_thread() is threading.main_thread():
+            self.report(message=message)
+        else:
+            self.message = message
+
     def _heartbeat_due(self) -> bool:
         return time.monotonic() - self._last_report >= self.config.reporting.heartbeat_seconds
 
@@ -470,6 +483,9 @@ class Trainer:
         work_dir = resolve_mount_path(cfg.work_dir)
         work_dir.mkdir(parents=True, exist_ok=True)
         storage = open_storage(cfg.storage.checkpoints)
+        if isinstance(storage, S3Storage):  # children (cache, samples, tensorboard) inherit it
+            r = storage.retry
+            storage.retry = _ReportingRetry(r.attempts, r.base_delay, r.max_delay, self._storage_trouble)
         if self.dist.is_main:
             self.gpu = GpuMonitor()
         log.info(
@@ -627,8 +643,15 @@ class Trainer:
             if self.step % tcfg.checkpoint_every_steps == 0:
                 try:
                     self._checkpoint(store, lm, optimizer, scheduler, "periodic", None)
+                    if self.message and self.message.startswith((CHECKPOINT_FAILED, STORAGE_TROUBLE)):
+                        self.message = None  # storage is back: the trouble is over
                 except Exception as exc:  # the next periodic (or final) checkpoint retries
                     log.error("checkpoint_failed", step=self.step, error=f"{type(exc).__name__}: {exc}")
+                    # Surfaced in status.progress.message until a checkpoint succeeds again.
+                    self.message = (
+                        f"{CHECKPOINT_FAILED} at step {self.step}: {type(exc).__name__}: {exc}"[:700]
+                        + "; training goes on, the next checkpoint retries"
+                    )
                 self.report(TrainerState.training)
             elif self._heartbeat_due():
                 self.report(TrainerState.training)
@@ -828,6 +851,25 @@ class Trainer:
             store.prune()
         except Exception as exc:  # pruning is housekeeping: never fatal
             log.warning("checkpoint_prune_failed", error=f"{type(exc).__name__}: {exc}")
+
+
+#: Prefixes of ``status.progress.message`` while storage calls are being retried, and after a
+#: checkpoint could not be written; cleared by the next checkpoint that is.
+STORAGE_TROUBLE = "storage trouble"
+CHECKPOINT_FAILED = "checkpoint failed"
+
+
+@dataclass(frozen=True)
+class _ReportingRetry(RetryPolicy):
+    """The storage retry policy, telling the trainer each time a call is about to be retried."""
+
+    on_retry: Callable[[int, BaseException | None], None] | None = None
+
+    def delay(self, attempt: int) -> float:
+        if self.on_retry is not None:
+            # Called from the retry loop's ``except`` block: the error being retried is current.
+            self.on_retry(attempt, sys.exc_info()[1])
+        return super().delay(attempt)
 
 
 def _finite(value: float | None) -> float | None:
