@@ -73,9 +73,16 @@ def _free_port() -> int:
 
 
 def _reset(sock: socket.socket) -> None:
-    """Close with an RST (SO_LINGER 0), as a crashed or overloaded peer would."""
+    """Close with an RST (SO_LINGER 0), as a crashed or overloaded peer would.
+
+    ``shutdown`` first: a bare ``close`` does not interrupt another thread blocked in ``recv`` on
+    the socket (the proxy's pumps), so the connection would stay open and a client waiting for
+    an answer would hang until its read timeout instead of seeing the connection drop.
+    """
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
     with contextlib.suppress(OSError):
         sock.close()
 

@@ -3,7 +3,10 @@
 The loop (a kopf daemon) runs :meth:`RunController.reconcile` in a thread whenever the run or
 one of its pods changes, when a policy clock is due (budget crossing, idle timeout, gate time,
 retry backoff), and at least every ``FERMATA_RESYNC_SECONDS``. Pods and nodes come from kopf
-indices (watch caches), so an idle run costs no API reads.
+indices (watch caches), so an idle run costs no API reads; the echo of the operator's own status
+write does not wake the loop again. At most ``FERMATA_WORKERS`` reconciles run at once, and runs
+that have no live pod go first (:class:`ReconcileGate`), so a burst of new runs gets its pods
+before status updates catch up.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def test_apiserver_restart_keeps_status_and_the_operator_keeps_acting(
         wait_for(lambda name=name: runs.status(name).get("phase") == "Running", timeout=60, what=name)
     before = {n: runs.status(n) for n in names}
 
-    control_plane.restart_apiserver(downtime=3.0)
+    control_plane.restart_apiserver(downtime=2.0)
 
     # The operator process survives the outage and reconnects its watches.
     assert operator.proc is not None and operator.proc.poll() is None, operator.log()[-3000:]

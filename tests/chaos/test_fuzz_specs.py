@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.chaos, pytest.mark.cluster]
 
 EXAMPLES = 60
 RESYNC = 30.0
-QUIET = 8.0
+QUIET = 6.0
 SPEC_SCHEMA: dict[str, Any] = yaml.safe_load(render())["spec"]["versions"][0]["schema"]["openAPIV3Schema"][
     "properties"
 ]["spec"]
@@ -223,7 +223,7 @@ def test_fuzzed_specs_are_accepted_or_rejected_readably_and_never_crash_the_oper
     assert not unreadable, "\n".join(unreadable[:10])
     assert accepted >= 5 and outcomes["rejected"] >= 5, outcomes  # both sides were exercised
     # Give the operator time to act on every accepted run, then watch it sit still.
-    time.sleep(6)
+    time.sleep(4)
     first = _reconciles(port)
     time.sleep(QUIET)
     during = _reconciles(port) - first

@@ -23,7 +23,7 @@ RUNS = 20
 KILLS = 8
 INTERRUPTIONS = 12
 SUSPENDS = 3
-CHAOS_SECONDS = 30.0
+CHAOS_SECONDS = 22.0
 
 
 def _spec() -> dict[str, Any]:
@@ -42,15 +42,15 @@ def _timeline(rng: random.Random, names: list[str]) -> list[tuple[float, int, st
     actions: list[tuple[float, int, str, str]] = []
     seq = iter(range(10_000))
     for name in names:
-        actions.append((rng.uniform(0.0, 8.0), next(seq), "create", name))
+        actions.append((rng.uniform(0.0, 6.0), next(seq), "create", name))
     for _ in range(KILLS):
         actions.append((rng.uniform(0.5, CHAOS_SECONDS), next(seq), "kill", ""))
     for _ in range(INTERRUPTIONS):
-        actions.append((rng.uniform(6.0, CHAOS_SECONDS), next(seq), "interrupt", rng.choice(names)))
+        actions.append((rng.uniform(5.0, CHAOS_SECONDS), next(seq), "interrupt", rng.choice(names)))
     for name in rng.sample(names, SUSPENDS):
-        at = rng.uniform(8.0, CHAOS_SECONDS - 8.0)
+        at = rng.uniform(6.0, CHAOS_SECONDS - 7.0)
         actions.append((at, next(seq), "suspend", name))
-        actions.append((at + rng.uniform(2.0, 6.0), next(seq), "resume", name))
+        actions.append((at + rng.uniform(2.0, 5.0), next(seq), "resume", name))
     heapq.heapify(actions)
     return actions
 

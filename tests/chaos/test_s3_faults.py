@@ -163,6 +163,7 @@ def test_s3_faults_leave_a_verified_latest_checkpoint_and_a_clear_message(
             ("connections reset", faults.drop, faults.passthrough, FAILED[0]),
         ):
             before = checkpoint_step()
+            timeline.append(f"{time.strftime('%H:%M:%S')} {fault}: on")
             apply()
             t = time.monotonic()
             st = wait_for(
@@ -173,15 +174,19 @@ def test_s3_faults_leave_a_verified_latest_checkpoint_and_a_clear_message(
                 interval=0.3,
                 what=f"the run to report {until!r} ({fault})",
             )
-            timeline.append(f"{fault}: reported after {time.monotonic() - t:.1f}s: {st['message'][:200]}")
+            timeline.append(
+                f"{time.strftime('%H:%M:%S')} {fault}: reported after {time.monotonic() - t:.1f}s: {st['message'][:200]}"
+            )
             assert runs.status("s3").get("phase") == "Running"
-            time.sleep(2.0)
+            time.sleep(1.0)
             undo()
             t = time.monotonic()
             wait_for(
                 lambda before=before: recovered(before), timeout=60, interval=0.3, what=f"recovery ({fault})"
             )
-            timeline.append(f"{fault}: recovered {time.monotonic() - t:.1f}s after the fault ended")
+            timeline.append(
+                f"{time.strftime('%H:%M:%S')} {fault}: recovered {time.monotonic() - t:.1f}s after the fault ended"
+            )
         # Slow S3: checkpoints take longer but succeed, and nothing is reported as failing.
         before = checkpoint_step()
         faults.latency(0.05)
@@ -194,6 +199,7 @@ def test_s3_faults_leave_a_verified_latest_checkpoint_and_a_clear_message(
         if not s3_server.running:
             s3_server.start()
         checker.stop()
+        print("\n".join(timeline))
     # One last look with everything healthy: the newest manifest and the one in status verify.
     checker.check()
     last = runs.status("s3")["lastCheckpoint"]
@@ -204,4 +210,3 @@ def test_s3_faults_leave_a_verified_latest_checkpoint_and_a_clear_message(
     st = runs.status("s3")
     assert st["phase"] == "Running" and st.get("failures", 0) == 0, st.get("message")
     assert "Traceback" not in op.log()
-    print("\n".join(timeline))

@@ -313,6 +313,8 @@ class Trainer:
         retries can block the loop, and its heartbeats, for a while)."""
         what = f"{type(error).__name__}: {error}" if error is not None else "error"
         message = f"{STORAGE_TROUBLE}: {what}"[:700] + f"; retrying (attempt {attempt + 2})"
+        if self.message and self.message.startswith(CHECKPOINT_FAILED):  # keep saying so
+            message = f"{self.message.split(';')[0][:300]}; {message}"
         if threading.current_thread() is threading.main_thread():
             self.report(message=message)
         else:
