@@ -111,8 +111,15 @@ class PodLedger:
                             self.namespace, label_selector="fermata.dev/run", _preload_content=False
                         ).data
                     )
-                    for pod in listing.get("items") or []:
+                    items = listing.get("items") or []
+                    for pod in items:
                         self._observe("ADDED", pod)
+                    # A relist after a broken watch: pods deleted meanwhile are gone.
+                    listed = {(p.get("metadata") or {}).get("uid") for p in items}
+                    with self.lock:
+                        for facts in self.pods.values():
+                            if facts.uid not in listed:
+                                facts.gone = True
                     rv = listing["metadata"]["resourceVersion"]
                     self._ready.set()
                 resp = core.list_namespaced_pod(

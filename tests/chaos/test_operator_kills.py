@@ -118,23 +118,32 @@ def test_kill_9_at_random_points_keeps_one_pod_per_run_and_exact_costs(
         op.start()
     assert kills == KILLS, log
 
-    def settled(name: str) -> bool:
+    def unsettled(name: str) -> str:
+        """Why the run is not (yet) in its final state; empty when it is."""
         st = runs.status(name)
         live = ledger.live(name)
         pods = ledger.of_run(name)
-        return (
-            st.get("phase") == "Running"
-            and len(live) == 1
-            and live[0].phase == "Running"
-            and (st.get("pod") or {}).get("name") == live[0].name
-            and all(p.gone for p in pods if not p.live)  # every ended pod billed and released
-            and not check_cost_segments(st, pods)
-        )
+        if st.get("phase") != "Running":
+            return f"phase {st.get('phase')}: {st.get('message')}"
+        if len(live) != 1 or live[0].phase != "Running":
+            return f"live pods {[(p.name, p.phase) for p in live]}"
+        if (st.get("pod") or {}).get("name") != live[0].name:
+            return f"status.pod {(st.get('pod') or {}).get('name')} != live pod {live[0].name}"
+        stuck = [p.name for p in pods if not p.live and not p.gone]
+        if stuck:  # every ended pod is billed, then its finalizer released
+            return f"ended pods not released: {stuck}"
+        return "; ".join(check_cost_segments(st, pods))
 
     try:
-        wait_for(lambda: all(settled(n) for n in names), timeout=90, interval=1.0, what="all runs settled")
-    finally:
-        context = "\n".join(log) + "\n--- operator log tail:\n" + op.log()[-3000:]
+        wait_for(
+            lambda: not any(unsettled(n) for n in names), timeout=90, interval=1.0, what="all runs settled"
+        )
+    except AssertionError:
+        why = {n: u for n in names if (u := unsettled(n))}
+        raise AssertionError(
+            f"runs not settled: {why}\n" + "\n".join(log) + "\n--- operator log tail:\n" + op.log()[-4000:]
+        ) from None
+    context = "\n".join(log) + "\n--- operator log tail:\n" + op.log()[-3000:]
     problems: list[str] = []
     for name in names:
         st = runs.status(name)
