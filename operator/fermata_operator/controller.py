@@ -19,18 +19,14 @@ import structlog
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from fermata_operator import cost as cost_policy
-from fermata_operator import metrics
-from fermata_operator import reconcile as planner
-from fermata_operator.pod_outcome import STOP_REASON_ANNOTATION
-from fermata_operator.settings import OPERATOR_FIELD_MANAGER, POD_FINALIZER, OperatorSettings
-from fermata_trainer import contract
+from fermata_api import contract
+from fermata_api.meta import ANNOTATION_STOP_REASON, OPERATOR_FIELD_MANAGER, POD_FINALIZER
+from fermata_operator import metrics, planner
+from fermata_operator.price_source import PriceSource
+from fermata_operator.settings import OperatorSettings
+from fermata_operator.views import NodeView
 
 log = structlog.get_logger("fermata.controller")
-
-#: Minimum seconds between status writes that only move running totals (cost); the operator
-#: uses ``OperatorSettings.cost_write_seconds`` (``FERMATA_COST_WRITE_SECONDS``), this default.
-COST_WRITE_INTERVAL = 60.0
 
 
 def _discard(resp: Any) -> None:
@@ -46,11 +42,18 @@ def _rv(obj: dict[str, Any] | None) -> int:
         return 0
 
 
+def _instance_types(run: dict[str, Any], nodes: dict[str, dict[str, Any]]) -> set[str]:
+    """The instance types a run's cost depends on: those it allows and those its pods run on."""
+    allowed = ((run.get("spec") or {}).get("resources") or {}).get("instanceTypes") or []
+    placed = {NodeView.of(n).instance_type for n in nodes.values()}
+    return {str(t) for t in allowed if isinstance(t, str)} | {t for t in placed if t}
+
+
 @dataclass
 class RunController:
     api: client.ApiClient
     settings: OperatorSettings
-    prices: cost_policy.PriceTable = field(default_factory=cost_policy.PriceTable)
+    prices: PriceSource = field(default_factory=lambda: PriceSource(None, ""))
     #: Our last write of each run, so a stale watch cache never drives a decision.
     _written: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     _lock: Lock = field(default_factory=Lock)
@@ -130,7 +133,7 @@ class RunController:
             pods=pods,
             nodes=nodes,
             missing_nodes=missing,
-            prices=self.prices,
+            prices=self.prices.snapshot(_instance_types(run, nodes)),
             now=datetime.now(UTC),
         )
 
@@ -236,7 +239,7 @@ class RunController:
             self.core.patch_namespaced_pod(
                 pod_name,
                 ns,
-                {"metadata": {"annotations": {STOP_REASON_ANNOTATION: reason}}},
+                {"metadata": {"annotations": {ANNOTATION_STOP_REASON: reason}}},
                 field_manager=OPERATOR_FIELD_MANAGER,
             )
             self.core.delete_namespaced_pod(pod_name, ns)

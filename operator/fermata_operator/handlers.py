@@ -25,13 +25,14 @@ import kopf
 import structlog
 from kubernetes.client.exceptions import ApiException
 
-from fermata_operator import cost as cost_policy
+from fermata_api import contract
+from fermata_api.meta import LABEL_RUN, POD_FINALIZER
 from fermata_operator import metrics
 from fermata_operator.controller import RunController
 from fermata_operator.kube import api_client
-from fermata_operator.pod_outcome import node_termination_taint
-from fermata_operator.settings import LABEL_RUN, POD_FINALIZER, OperatorSettings
-from fermata_trainer import contract
+from fermata_operator.price_source import PriceSource
+from fermata_operator.settings import OperatorSettings
+from fermata_operator.views import NodeView
 
 log = structlog.get_logger("fermata.handlers")
 RESOURCE = (contract.API_GROUP, contract.API_VERSION, contract.PLURAL)
@@ -97,7 +98,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         ThreadPoolExecutor(max_workers=opsettings.workers + 4, thread_name_prefix="fermata-reconcile")
     )
     ctl = RunController(api=api_client(pool_size=2 * opsettings.workers), settings=opsettings)
-    ctl.prices = await asyncio.to_thread(load_prices, ctl, opsettings)
+    ctl.prices = price_source(ctl, opsettings)
+    await asyncio.to_thread(ctl.prices.table)
     memo["controller"] = ctl
     memo["gate"] = ReconcileGate(opsettings.workers)
     port = int(os.environ.get("FERMATA_METRICS_PORT", "0") or 0)
@@ -108,25 +110,15 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     log.info("operator started", resync=opsettings.resync_seconds, price_table=opsettings.price_table)
 
 
-def load_prices(ctl: RunController, opsettings: OperatorSettings) -> cost_policy.PriceTable:
-    ns, _, name = opsettings.price_table.partition("/")
-    try:
-        cm = ctl.core.read_namespaced_config_map(name, ns)
-        table = cost_policy.PriceTable.from_config_map_data(cm.data)
-    except ApiException as exc:
-        log.warning(
-            "price table not found; using built-in prices",
-            configmap=opsettings.price_table,
-            status=exc.status,
-        )
-        table = cost_policy.PriceTable()
+def price_source(ctl: RunController, opsettings: OperatorSettings) -> PriceSource:
+    live = None
     if opsettings.aws_pricing:
         from fermata_operator.aws_prices import CachedPrices, boto3_fetcher
 
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        table.live = CachedPrices(boto3_fetcher(region))
+        live = CachedPrices(boto3_fetcher(region))
         log.info("live AWS prices enabled", region=region)
-    return table
+    return PriceSource(ctl.core, opsettings.price_table, live)
 
 
 @kopf.index("", "v1", "pods", labels={LABEL_RUN: kopf.PRESENT})
@@ -188,7 +180,7 @@ async def pod_changed(
 @kopf.on.event("", "v1", "nodes")
 async def node_changed(*, name: str, type: str, body: kopf.Body, **kwargs: Any) -> None:
     """A node deleted or tainted for termination concerns the runs with pods on it."""
-    if type != "DELETED" and node_termination_taint(dict(body)) is None:
+    if type != "DELETED" and NodeView.of(dict(body)).termination_taint is None:
         return  # heartbeats and label churn: nothing for us
     index: kopf.Index[Any, Any] = kwargs["pods_by_run"]
     for key, store in index.items():

@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from fermata_operator.api import Decision, Phase
+from fermata_api import Decision, Phase
 
 _RUN = ["namespace", "run"]
 

@@ -7,26 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-#: Labels and annotations the operator puts on what it creates.
-LABEL_RUN = "fermata.dev/run"
-LABEL_INCARNATION = "fermata.dev/incarnation"
-LABEL_COMPONENT = "app.kubernetes.io/component"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-LABEL_NAME = "app.kubernetes.io/name"
-MANAGED_BY = "fermata-operator"
-ANNOTATION_CAPACITY = "fermata.dev/capacity"
-#: Finalizer on trainer pods: a pod cannot vanish before its billed time is recorded.
-POD_FINALIZER = "fermata.dev/cost-accounting"
-#: Field manager of the operator's own writes.
-OPERATOR_FIELD_MANAGER = "fermata-operator"
-
-CAPACITY_LABELS = {
-    # label key -> {capacity type: label value}
-    "karpenter.sh/capacity-type": {"spot": "spot", "on-demand": "on-demand"},
-    "eks.amazonaws.com/capacityType": {"spot": "SPOT", "on-demand": "ON_DEMAND"},
-}
-INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
-GPU_RESOURCE = "nvidia.com/gpu"
+from fermata_api.meta import GPU_RESOURCE
 
 DEFAULT_SPOT_TOLERATIONS: list[dict[str, Any]] = [
     {

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from fermata_operator import cost
-from fermata_operator.api import TrainingRunStatus
-from fermata_operator.pod_outcome import STOP_REASON_ANNOTATION
-from fermata_operator.reconcile import Observed, Plan, plan, status_changed
-from fermata_operator.settings import POD_FINALIZER, OperatorSettings
+from fermata_api import TrainingRunStatus
+from fermata_api.meta import ANNOTATION_STOP_REASON, POD_FINALIZER
+from fermata_operator.planner import Observed, Plan, plan, status_changed
+from fermata_operator.policies.prices import PriceTable
+from fermata_operator.settings import OperatorSettings
 from tests.operator.factories import T0, iso, node, pod_for, progress, run, running, terminated
 
 SETTINGS = OperatorSettings()
@@ -22,7 +22,7 @@ def step(
     r: dict[str, Any], pods: list[dict[str, Any]], at: timedelta, missing: set[str] | None = None
 ) -> Plan:
     obs = Observed(
-        run=r, pods=pods, nodes=NODES, missing_nodes=missing or set(), prices=cost.PriceTable(), now=T0 + at
+        run=r, pods=pods, nodes=NODES, missing_nodes=missing or set(), prices=PriceTable(), now=T0 + at
     )
     result = plan(obs, SETTINGS)
     # Apply the operator-owned status like the controller would (trainer keys survive).
@@ -344,13 +344,25 @@ def test_gate_decisions(val_loss: float, auth: float, expected: str, phase: str)
     step(r, [], timedelta(0))
     pod = running(pod_for(r), "spot-1", T0)
     r["status"]["progress"] = progress(
-        500, 1000, T0 + timedelta(days=34), validationLoss=val_loss, authenticity=auth
+        500, 1000, T0 + timedelta(days=34), validationLoss=val_loss, authenticity=auth, evaluatedStep=400
     )
     step(r, [pod], timedelta(days=34))
     assert r["status"].get("gates", []) == []
+    # The milestone comes at step 500; the newest evaluation (step 400) is older: the gate waits
+    # and asks the trainer for one at or after step 500.
     r["status"]["progress"]["heartbeatTime"] = iso(T0 + timedelta(days=35))
     p = step(r, [pod], timedelta(days=35, seconds=1))
+    assert "decision" not in r["status"] and not [e for e in p.events if e.reason.startswith("Gate")]
+    assert r["status"]["pendingGates"][0]["name"] == "week-5"
+    assert r["status"]["pendingGates"][0]["dueStep"] == 500
+    asked = r["status"]["control"]["evaluationRequest"]
+    assert asked["minStep"] == 500
+    r["status"]["progress"].update(step=505, evaluatedStep=505, evaluationRequestAck=asked["id"])
+    p = step(r, [pod], timedelta(days=35, seconds=2))
     assert r["status"]["decision"] == expected
+    assert r["status"]["gates"][0]["evaluatedStep"] == 505
+    assert "pendingGates" not in r["status"] or r["status"]["pendingGates"] == []
+    assert "evaluationRequest" not in r["status"].get("control", {})
     outcome = r["status"]["gates"][0]
     assert outcome["name"] == "week-5" and outcome["evidence"]["validationLoss"] == val_loss
     assert r["status"]["phase"] == phase
@@ -362,7 +374,7 @@ def test_gate_decisions(val_loss: float, auth: float, expected: str, phase: str)
         assert req["stop"] is True and req["id"] == "demo-0-stop-gatenogo"
         assert not step(r, [pod], timedelta(days=35, seconds=30)).stop_pods
         # ... and is stopped the hard way if it has not acknowledged within the timeout.
-        late = step(r, [pod], timedelta(days=35, seconds=1 + SETTINGS.checkpoint_request_timeout_seconds + 1))
+        late = step(r, [pod], timedelta(days=35, seconds=2 + SETTINGS.checkpoint_request_timeout_seconds + 1))
         assert ("demo-0", "Stopped") in late.stop_pods
         report = r["status"]["control"]["stopReport"]
         assert report["reason"] == "GateNoGo" and report["decision"] == "NO-GO"
@@ -394,7 +406,7 @@ def test_suspend_then_resume_keeps_cost_history() -> None:
     assert ("demo-0", "Suspended") in p.stop_pods
     assert r["status"]["phase"] == "Suspended"
     pod = terminated(pod, 0, T0 + timedelta(hours=1, minutes=1), phase="Failed")
-    pod["metadata"]["annotations"][STOP_REASON_ANNOTATION] = "Suspended"
+    pod["metadata"]["annotations"][ANNOTATION_STOP_REASON] = "Suspended"
     pod["metadata"]["deletionTimestamp"] = iso(T0 + timedelta(hours=1, minutes=1))
     p = step(r, [pod], timedelta(hours=2))
     assert p.release_finalizers == ["demo-0"]
@@ -418,7 +430,7 @@ def test_restart_recomputes_same_cost_from_pod_facts() -> None:
     assert fresh["status"]["cost"]["accruedUSD"] == r["status"]["cost"]["accruedUSD"]
     # A closed segment is never recounted when the pod is seen again.
     ended = terminated(pod, 143, T0 + timedelta(minutes=40))
-    ended["metadata"]["annotations"][STOP_REASON_ANNOTATION] = "superseded"
+    ended["metadata"]["annotations"][ANNOTATION_STOP_REASON] = "superseded"
     step(r, [ended], timedelta(minutes=50))
     step(r, [ended], timedelta(minutes=70))
     assert r["status"]["cost"]["accruedUSD"] == pytest.approx(0.39 * 40 / 60, rel=1e-4)
@@ -468,7 +480,7 @@ def test_status_changed_rate_limits_cost_only_updates() -> None:
             pods=[pod],
             nodes=NODES,
             missing_nodes=set(),
-            prices=cost.PriceTable(),
+            prices=PriceTable(),
             now=T0 + timedelta(minutes=1, seconds=5),
         ),
         SETTINGS,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from fermata_operator.api import CapacityType, PriceOverride
+from fermata_api import CapacityType, PriceOverride
 from fermata_operator.aws_prices import CachedPrices
-from fermata_operator.cost import PriceTable
+from fermata_operator.policies.prices import PriceTable
+from fermata_operator.price_source import PriceSource
 
 
 def test_lookup_order_override_then_live_then_table() -> None:
@@ -14,9 +15,11 @@ def test_lookup_order_override_then_live_then_table() -> None:
     assert table.lookup("x1.tiny", "spot") is None
     override = [PriceOverride(instance_type="g4dn.xlarge", capacity_type=CapacityType.spot, hourly_usd=0.5)]
     assert table.lookup("g4dn.xlarge", "spot", override) == 0.5
-    table.live = lambda it, cap: 0.33 if cap == "spot" else None
-    assert table.lookup("g4dn.xlarge", "spot") == 0.33
-    assert table.lookup("g4dn.xlarge", "on-demand") == 1.30  # live has no answer: table
+    source = PriceSource(None, "", live=lambda it, cap: 0.33 if cap == "spot" else None)
+    snap = source.snapshot(["g4dn.xlarge"])
+    assert snap.lookup("g4dn.xlarge", "spot") == 0.33
+    assert snap.lookup("g4dn.xlarge", "on-demand") == 1.30  # live has no answer: table
+    assert snap.lookup("g4dn.xlarge", "spot", override) == 0.5  # the run's override still wins
 
 
 def test_live_prices_are_cached_and_failures_fall_back() -> None:
@@ -46,5 +49,5 @@ def test_live_prices_are_cached_and_failures_fall_back() -> None:
     def down(it: str, cap: str) -> float | None:
         raise ConnectionError("no route to AWS")
 
-    table = PriceTable(live=CachedPrices(down))
-    assert table.lookup("g5.xlarge", "spot") == 0.45  # AWS unreachable: the table's price
+    snap = PriceSource(None, "", live=CachedPrices(down)).snapshot(["g5.xlarge"])
+    assert snap.lookup("g5.xlarge", "spot") == 0.45  # AWS unreachable: the table's price

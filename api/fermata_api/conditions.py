@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from fermata_operator.api import Condition
+from fermata_api.status import Condition
 
 # Condition types a TrainingRun carries.
 ACCEPTED = "Accepted"  # the spec is runnable (False: InvalidSpec and friends)
@@ -54,7 +54,3 @@ def put(
     if old is None:
         return [*conditions, new]
     return [new if c.type == ctype else c for c in conditions]
-
-
-def drop(conditions: list[Condition], ctype: str) -> list[Condition]:
-    return [c for c in conditions if c.type != ctype]

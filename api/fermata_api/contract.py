@@ -1,0 +1,258 @@
+"""The contract between the Fermata operator and the trainer pod.
+
+This one module says what the trainer reads from its pod and what it writes back:
+
+* **In** — :class:`TrainerConfig`, a JSON document the operator renders into a ConfigMap and
+  mounts at :data:`CONFIG_PATH` (or that a user writes by hand to run the trainer on a single
+  machine), plus a few environment variables (:class:`PodEnv`) that change per pod incarnation
+  (which checkpoint to resume from, which pod this is).
+* **Out** — :class:`TrainerStatus`, the part of ``TrainingRun.status`` the trainer owns
+  (``status.progress`` and ``status.lastCheckpoint``). The trainer writes it with server-side
+  apply on the ``status`` subresource under the field manager :data:`TRAINER_FIELD_MANAGER`;
+  the operator never writes these fields, and the trainer never writes any other, so neither
+  can overwrite the other.
+* **Control** — :class:`TrainerControl`, written by the operator at ``status.control`` and read
+  by the trainer from every apply response: a checkpoint request the trainer answers by writing
+  a checkpoint and echoing the request id in ``status.progress.checkpointRequestAck``.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from fermata_api.base import ApiModel
+from fermata_api.meta import API_GROUP, API_VERSION, KIND, PLURAL, TRAINER_FIELD_MANAGER
+from fermata_api.spec import DatasetSpec, EvaluationSpec, ModelSpec, StorageSpec, TrainingSpec
+
+#: Where the operator mounts the rendered :class:`TrainerConfig`.
+CONFIG_PATH = "/etc/fermata/trainer.json"
+
+#: Exit code the trainer uses when it stopped on request after writing a checkpoint
+#: (SIGTERM, or a stop asked through ``status.control``). Anything 128+ is a signal death.
+EXIT_STOPPED_WITH_CHECKPOINT = 0
+#: Exit code for a bad configuration or dataset (permanent: retrying will not help).
+EXIT_CONFIG_ERROR = 2
+
+
+class RunRef(ApiModel):
+    """Which TrainingRun this trainer reports to (empty name: no Kubernetes reporting)."""
+
+    name: str = ""
+    namespace: str = "default"
+    uid: str | None = None
+
+
+class ReportingSpec(ApiModel):
+    """How often the trainer reports to its TrainingRun."""
+
+    heartbeat_seconds: float = Field(default=30.0, gt=0, le=3600)
+
+
+class TrainerConfig(ApiModel):
+    """Everything the trainer needs, rendered by the operator into ``trainer.json``."""
+
+    run: RunRef = Field(default_factory=RunRef)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    dataset: DatasetSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    storage: StorageSpec
+    reporting: ReportingSpec = Field(default_factory=ReportingSpec)
+    gpus: int = Field(default=1, ge=0, le=16)
+    work_dir: str = Field(default="/tmp/fermata", description="Scratch space inside the pod.")
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainerConfig:
+        return cls.model_validate_json(Path(path).read_text())
+
+
+class PodEnv(ApiModel):
+    """Per-pod facts the operator passes as environment variables."""
+
+    config_path: str = CONFIG_PATH
+    pod_name: str | None = None
+    node_name: str | None = None
+    resume_from: str | None = None
+    incarnation: int = 0
+    #: Scratch directory of this pod; the trainer prefers it to ``TrainerConfig.work_dir``.
+    work_dir: str | None = None
+
+    @classmethod
+    def from_environ(cls, environ: dict[str, str] | None = None) -> PodEnv:
+        env = dict(os.environ if environ is None else environ)
+        return cls(
+            config_path=env.get(ENV_CONFIG, CONFIG_PATH),
+            pod_name=env.get(ENV_POD_NAME) or None,
+            node_name=env.get(ENV_NODE_NAME) or None,
+            resume_from=env.get(ENV_RESUME_FROM) or None,
+            incarnation=int(env.get(ENV_INCARNATION, "0") or 0),
+            work_dir=env.get(ENV_WORK_DIR) or None,
+        )
+
+
+ENV_CONFIG = "FERMATA_CONFIG"
+ENV_POD_NAME = "FERMATA_POD_NAME"
+ENV_NODE_NAME = "FERMATA_NODE_NAME"
+ENV_RESUME_FROM = "FERMATA_RESUME_FROM"
+ENV_INCARNATION = "FERMATA_INCARNATION"
+ENV_WORK_DIR = "FERMATA_WORK_DIR"
+
+
+# ----------------------------------------------------------------------------- what comes back
+
+
+class CheckpointRef(ApiModel):
+    """A checkpoint whose manifest (with sha256 digests of every object) was written last."""
+
+    uri: str = Field(description="URI of the checkpoint's manifest.json.")
+    step: int = Field(ge=0, description="Optimizer step the checkpoint was taken after.")
+    epoch: int = Field(default=0, ge=0, description="Epoch the step belongs to.")
+    digest: str = Field(description="sha256 of the manifest (sha256:<hex>).")
+    time: datetime = Field(description="When the manifest was written.")
+    reason: str | None = Field(
+        default=None, description="periodic, signal (SIGTERM), request (operator asked), final."
+    )
+
+
+class TrainerState(str, Enum):
+    preparing = "Preparing"
+    tokenizing = "Tokenizing"
+    training = "Training"
+    evaluating = "Evaluating"
+    checkpointing = "Checkpointing"
+    completed = "Completed"
+    stopped = "Stopped"
+    failed = "Failed"
+
+
+class TrainerProgress(ApiModel):
+    """What the trainer reports at ``status.progress``."""
+
+    state: TrainerState = Field(description="What the trainer is doing now.")
+    heartbeat_time: datetime = Field(description="When the trainer last reported.")
+    pod_name: str | None = Field(default=None, description="Pod that sent the report.")
+    step: int = Field(default=0, ge=0, description="Optimizer steps done.")
+    total_steps: int = Field(default=0, ge=0, description="Optimizer steps planned.")
+    epoch: int = Field(default=0, ge=0, description="Current epoch (0-based).")
+    train_loss: float | None = Field(default=None, description="Recent mean training cross-entropy.")
+    validation_loss: float | None = Field(default=None, description="Latest validation cross-entropy.")
+    validation_perplexity: float | None = Field(default=None, description="exp(validationLoss).")
+    baseline_validation_loss: float | None = Field(
+        default=None, description="Validation cross-entropy of the pretrained model at step 0."
+    )
+    evaluated_step: int | None = Field(default=None, description="Step of the latest evaluation.")
+    authenticity: float | None = Field(
+        default=None, ge=0, le=1, description="Latest authenticity score in [0, 1]."
+    )
+    authenticity_components: dict[str, float] | None = Field(
+        default=None, description="The parts the authenticity score was built from."
+    )
+    samples_per_second: float | None = Field(default=None, description="Training throughput.")
+    gpu_utilization: float | None = Field(
+        default=None, ge=0, le=1, description="Mean GPU utilisation since the last report (NVML)."
+    )
+    gpu_memory_bytes: int | None = Field(default=None, ge=0, description="GPU memory in use.")
+    checkpoint_request_ack: str | None = Field(
+        default=None, description="Id of the last status.control.checkpointRequest answered."
+    )
+    evaluation_request_ack: str | None = Field(
+        default=None, description="Id of the last status.control.evaluationRequest answered."
+    )
+    stop_report_uri: str | None = Field(
+        default=None, description="Where the trainer wrote status.control.stopReport."
+    )
+    message: str | None = Field(default=None, description="Human-readable note (errors, skips).")
+
+
+class TrainerStatus(ApiModel):
+    """The trainer-owned part of ``TrainingRun.status`` (applied as one SSA patch)."""
+
+    progress: TrainerProgress
+    last_checkpoint: CheckpointRef | None = None
+
+    def apply_body(self) -> dict[str, Any]:
+        return {
+            "apiVersion": f"{API_GROUP}/{API_VERSION}",
+            "kind": KIND,
+            "status": self.wire(),
+        }
+
+
+class CheckpointRequest(ApiModel):
+    """The operator asks for a checkpoint now (before a stop, or on a spot notice)."""
+
+    id: str = Field(description="Unique id; the trainer echoes it in progress.checkpointRequestAck.")
+    reason: str = Field(description="Why: budget, idle, interruption, suspend, gate, manual.")
+    time: datetime = Field(description="When it was asked.")
+    stop: bool = Field(default=False, description="Exit after the checkpoint is written.")
+
+
+class EvaluationRequest(ApiModel):
+    """The operator asks for an evaluation (validation loss and authenticity) at or after a step,
+    e.g. for a gate whose milestone fell between two scheduled evaluations."""
+
+    id: str = Field(description="Unique id; the trainer echoes it in progress.evaluationRequestAck.")
+    min_step: int = Field(ge=0, description="Evaluate once the run is at or past this step.")
+    reason: str = Field(default="gate", description="Why (e.g. the gate waiting for it).")
+    time: datetime = Field(description="When it was asked.")
+
+
+class StopReport(ApiModel):
+    """Why the operator is stopping the run; the trainer writes it next to its checkpoints as
+    ``reports/<id>.json`` (the abort report) when it stops."""
+
+    id: str = Field(description="Report id (also its file name).")
+    phase: str = Field(description="Phase the run ends in.")
+    reason: str = Field(description="CamelCase reason: BudgetExceeded, Idle, GateNoGo, ...")
+    decision: str | None = Field(default=None, description="GO, NO-GO or CONDITIONAL-GO.")
+    message: str = Field(default="", description="Human-readable summary.")
+    time: datetime = Field(description="When the stop was decided.")
+    step: int | None = Field(default=None, description="Last step reported before the stop.")
+    cost_usd: float | None = Field(default=None, description="Accrued cost at the stop.")
+    evidence: dict[str, float] = Field(default_factory=dict, description="Metrics and thresholds.")
+
+
+class TrainerControl(ApiModel):
+    """What the operator writes at ``status.control`` for the trainer to read."""
+
+    checkpoint_request: CheckpointRequest | None = Field(
+        default=None, description="Write a checkpoint now (and stop, if asked)."
+    )
+    stop_report: StopReport | None = Field(
+        default=None, description="The abort report the trainer writes when it stops."
+    )
+    evaluation_request: EvaluationRequest | None = Field(
+        default=None, description="Evaluate now (once at or past minStep)."
+    )
+
+
+def report_key(report_id: str) -> str:
+    """Where an abort report lives, relative to ``storage.checkpoints``."""
+    return f"reports/{report_id}.json"
+
+
+def read_control(run_object: dict[str, Any]) -> TrainerControl:
+    """The control block of a TrainingRun as returned by the API (tolerates absence)."""
+    raw = (run_object.get("status") or {}).get("control") or {}
+    try:
+        return TrainerControl.model_validate(raw)
+    except ValueError:
+        return TrainerControl()
+
+
+__all__ = [
+    "API_GROUP",
+    "API_VERSION",
+    "CONFIG_PATH",
+    "EXIT_CONFIG_ERROR",
+    "EXIT_STOPPED_WITH_CHECKPOINT",
+    "KIND",
+    "PLURAL",
+    "TRAINER_FIELD_MANAGER",
+]

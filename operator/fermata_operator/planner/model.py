@@ -1,0 +1,42 @@
+"""What the planner takes in (:class:`Observed`) and gives back (:class:`Plan`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from fermata_operator.policies.effects import Event
+from fermata_operator.policies.prices import PriceTable
+
+#: Status keys the trainer owns; the operator never writes them.
+TRAINER_KEYS = frozenset({"progress", "lastCheckpoint"})
+
+
+@dataclass
+class Observed:
+    """One run and the facts around it, as read from the API (watch caches) before planning."""
+
+    run: dict[str, Any]
+    pods: list[dict[str, Any]]
+    #: Nodes by name (only those the pods run on need to be present).
+    nodes: dict[str, dict[str, Any]]
+    #: Node names confirmed gone (404), not merely absent from a cache.
+    missing_nodes: set[str]
+    #: Prices resolved for this run before planning (overrides come from the spec).
+    prices: PriceTable
+    now: datetime
+
+
+@dataclass
+class Plan:
+    """What to do: the operator-owned status to write, objects to create, pods to stop,
+    finalizers to release, Events to post, and when to look again."""
+
+    status: dict[str, Any]
+    create: list[dict[str, Any]] = field(default_factory=list)
+    #: (pod name, stop reason)
+    stop_pods: list[tuple[str, str]] = field(default_factory=list)
+    release_finalizers: list[str] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None

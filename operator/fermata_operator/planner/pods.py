@@ -1,0 +1,89 @@
+"""Creating the next trainer pod (with its ConfigMap and RBAC), and tracking the current one."""
+
+from __future__ import annotations
+
+from fermata_api import Phase, PodStatusSummary, TrainerControl
+from fermata_api import conditions as cond
+from fermata_operator import podspec
+from fermata_operator.planner.context import Pass
+from fermata_operator.planner.model import Plan
+from fermata_operator.policies import cost, prices, spot
+from fermata_operator.policies.pod_outcome import Outcome
+from fermata_operator.views import PodView
+
+
+def _waiting_for_retry(p: Pass) -> Plan | None:
+    st = p.st
+    if st.retry_after is not None and st.retry_after > p.now:
+        st.phase = st.phase or Phase.pending
+        p.requeue.append((st.retry_after - p.now).total_seconds())
+        return p.finish()
+    return None
+
+
+def _price_unknown(p: Pass, missing: list[str]) -> Plan:
+    """Fail safe: no pod while its cost cannot be counted."""
+    message = prices.unknown_price_message(missing)
+    old = cond.get(p.st.conditions, cond.ACCEPTED)
+    if old is None or old.reason != "PriceUnknown" or old.message != message:
+        p.event("Warning", "PriceUnknown", message)
+    p.accepted = (False, "PriceUnknown", message)
+    p.set_condition(cond.READY, False, "PriceUnknown", message)
+    p.st.phase = p.st.phase or Phase.pending
+    p.st.message = message
+    return p.finish()
+
+
+def start_next(p: Pass) -> Plan:
+    """No current pod: wait out a backoff, or create the next incarnation."""
+    assert p.spec is not None
+    spec, st = p.spec, p.st
+    waiting = _waiting_for_retry(p)
+    if waiting is not None:
+        return waiting
+    remaining = cost.remaining_seconds(st.progress, spec)
+    capacity, why = spot.capacity_for(spec, st.interruptions, st.start_time, p.now, remaining)
+    missing = prices.unpriced_types(spec.resources, [capacity], p.obs.prices, spec.budget.prices)
+    if missing:
+        return _price_unknown(p, missing)
+    if st.capacity is not None and st.capacity != capacity.value:
+        p.event("Normal", "CapacityChanged", f"next pod on {capacity.value}: {why}")
+    resume = st.last_checkpoint.uri if st.last_checkpoint is not None else None
+    run = p.obs.run
+    p.plan.create.append(podspec.config_map(run, spec, p.settings))
+    p.plan.create.extend(podspec.trainer_rbac(run))
+    p.plan.create.append(
+        podspec.trainer_pod(
+            run, spec, p.settings, incarnation=st.incarnation, capacity=capacity, resume_from=resume
+        )
+    )
+    name = p.current_name
+    st.pod = PodStatusSummary(name=name, incarnation=st.incarnation, phase="Pending", created=p.now)
+    st.capacity, st.retry_after = capacity.value, None
+    if st.phase in (None, Phase.running):
+        st.phase = Phase.pending
+    # A request addressed to an earlier pod (a termination notice, say) is not this pod's.
+    if st.control is not None and st.control.checkpoint_request is not None:
+        st.control = TrainerControl(stop_report=st.control.stop_report)
+    st.message = f"created pod {name} on {capacity.value} capacity" + (
+        f", resuming from step {st.last_checkpoint.step}" if st.last_checkpoint else ""
+    )
+    p.event("Normal", "PodCreated", st.message)
+    return p.finish()
+
+
+def track_current(p: Pass, pod: PodView, outcome: Outcome) -> None:
+    """Refresh ``status.pod`` from the current pod and its node."""
+    st = p.st
+    node = p.node_of(pod)
+    prev = st.pod
+    st.pod = PodStatusSummary(
+        name=pod.name,
+        incarnation=st.incarnation,
+        phase=pod.phase,
+        node_name=pod.node_name,
+        instance_type=(node.instance_type if node else None) or (prev.instance_type if prev else None),
+        capacity_type=(node.capacity_type if node else None) or (prev.capacity_type if prev else None),
+        created=pod.created,
+        started=outcome.started or (prev.started if prev else None),
+    )

@@ -1,0 +1,40 @@
+"""When a planned status is worth a write (it bounds steady-state API traffic)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from fermata_api import parse_time
+from fermata_operator.planner.model import TRAINER_KEYS
+
+#: Running totals: written at most every ``min_cost_interval`` seconds.
+_RUNNING_COST = ("updated", "accruedUSD", "remainingUSD", "projectedTotalUSD")
+
+
+def _stable(d: dict[str, Any]) -> dict[str, Any]:
+    """The status without the figures that move on every pass."""
+    out = {
+        k: v for k, v in d.items() if k not in TRAINER_KEYS and k not in {"message", "eta", "progressPercent"}
+    }
+    cost = {k: v for k, v in (out.get("cost") or {}).items() if k not in _RUNNING_COST}
+    cost["segments"] = [
+        {k: v for k, v in s.items() if k != "usd"} for s in cost.get("segments") or [] if s.get("end")
+    ]
+    out["cost"] = cost
+    out["conditions"] = [{k: v for k, v in c.items() if k != "message"} for c in out.get("conditions") or []]
+    return out
+
+
+def status_changed(old: dict[str, Any], new: dict[str, Any], min_cost_interval: float, now: datetime) -> bool:
+    """Whether the operator-owned status differs enough to be written now.
+
+    Anything but running totals (cost figures, the ETA, condition messages) is written at once;
+    running totals at most every ``min_cost_interval`` seconds.
+    """
+    if _stable(old) != _stable(new):
+        return True
+    if old == new:
+        return False
+    updated = parse_time((old.get("cost") or {}).get("updated"))
+    return updated is None or (now - updated).total_seconds() >= min_cost_interval
