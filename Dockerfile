@@ -29,6 +29,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY operator ./operator
 COPY trainer ./trainer
+COPY api ./api
+COPY kubectl ./kubectl
 
 # ------------------------------------------------------------------------------------------ operator
 FROM base AS operator

@@ -5,20 +5,23 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PACKAGES := operator/fermata_operator trainer/fermata_trainer
+PACKAGES := api/fermata_api operator/fermata_operator trainer/fermata_trainer
 
 .PHONY: all venv demo test test-fast lint typecheck crds crds-check cluster-bin s3-bin helm-bin promtool local-up local-down clean
 
 all: test
 
-# Python environment: the operator, the trainer (torch + audiocraft) and the dev tools.
+# Python environment: the operator, the trainer (torch + audiocraft), the dev tools and the
+# development harness (dev/: test control plane, test kubelet, local mode, demo, synthetic data),
+# installed editable here and never in an image.
 # audiocraft 1.3.0 pins torch 2.1, so it and xformers are installed with --no-deps on top of
 # their real runtime dependencies (pyproject's `trainer` extra).
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml dev/pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[trainer,dev]'
 	$(BIN)/pip install -q --no-deps audiocraft==1.3.0 xformers==0.0.35
+	$(BIN)/pip install -q --no-deps -e dev
 	touch $@
 
 venv: $(STAMP)
@@ -47,11 +50,12 @@ crds-check: venv
 	$(BIN)/python -m fermata_operator.crdgen --check
 
 lint: venv
-	$(BIN)/ruff check operator trainer tests benchmarks
-	$(BIN)/ruff format --check operator trainer tests benchmarks
+	$(BIN)/ruff check api operator trainer kubectl dev tests benchmarks
+	$(BIN)/ruff format --check api operator trainer kubectl dev tests benchmarks
+	$(BIN)/lint-imports --no-cache
 
 typecheck: venv
-	$(BIN)/mypy -p fermata_operator -p fermata_trainer
+	$(BIN)/mypy -p fermata_api -p fermata_operator -p fermata_trainer -p fermata_kubectl -p fermata_dev
 
 # Everything CI runs: lint, types, CRD drift, and the whole test suite (unit, trainer on CPU,
 # operator against the real API server, S3 against a real server).
@@ -64,7 +68,7 @@ test-fast: venv
 
 # Local mode end to end: control plane + fake GPU nodes + operator + the real (tiny) trainer.
 demo: venv cluster-bin
-	$(BIN)/python -m fermata_operator.local.demo
+	$(BIN)/python -m fermata_dev.demo
 
 local-up: venv cluster-bin
 	$(BIN)/fermata local up

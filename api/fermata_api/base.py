@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
@@ -112,10 +112,10 @@ def parse_time(value: Any) -> datetime | None:
     """A Kubernetes timestamp (RFC 3339, ``Z`` or an offset) or a datetime; None when empty.
 
     The one timestamp parser of the project: the API server, the kubelet and our own status
-    all write RFC 3339, which ``datetime.fromisoformat`` reads once ``Z`` is spelled ``+00:00``.
+    all write RFC 3339, which ``datetime.fromisoformat`` reads once ``Z`` is spelled ``+00:00``;
+    a timestamp without a zone is taken as UTC.
     """
     if value in (None, ""):
         return None
-    if isinstance(value, datetime):
-        return value
-    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    ts = value if isinstance(value, datetime) else datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)

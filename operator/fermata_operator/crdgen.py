@@ -47,40 +47,26 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
     return {k: _resolve(v, defs) for k, v in node.items()}
 
 
-def _structural(node: Any) -> Any:
-    """Rewrite one (already $ref-free) JSON schema node into Kubernetes' dialect."""
-    if isinstance(node, list):
-        return [_structural(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    node = dict(node)
-
-    # Optional[X] -> X ; allOf [X] -> X
+def _collapse(node: dict[str, Any]) -> dict[str, Any]:
+    """Optional[X] -> X ; allOf [X] -> X (anything else is not structural)."""
     for key in ("anyOf", "oneOf"):
         if key in node:
             options = [o for o in node[key] if o.get("type") != "null"]
-            if len(options) == 1:
-                inner = options[0]
-                node.pop(key)
-                node = {**inner, **node}
-            else:
+            if len(options) != 1:
                 raise ValueError(f"non-structural union in schema: {node}")
-    if "allOf" in node and len(node["allOf"]) == 1:
-        inner = node.pop("allOf")[0]
-        node = {**inner, **node}
-
-    for key in list(node):
-        if key in _DROP:
             node.pop(key)
+            node = {**options[0], **node}
+    if "allOf" in node and len(node["allOf"]) == 1:
+        node = {**node.pop("allOf")[0], **node}
+    return {k: v for k, v in node.items() if k not in _DROP}
 
-    # JSON Schema 2020 exclusive bounds -> OpenAPI 3.0
-    if "exclusiveMinimum" in node and not isinstance(node["exclusiveMinimum"], bool):
-        node["minimum"] = node.pop("exclusiveMinimum")
-        node["exclusiveMinimum"] = True
-    if "exclusiveMaximum" in node and not isinstance(node["exclusiveMaximum"], bool):
-        node["maximum"] = node.pop("exclusiveMaximum")
-        node["exclusiveMaximum"] = True
 
+def _openapi_v3(node: dict[str, Any]) -> None:
+    """JSON Schema 2020 spellings -> OpenAPI 3.0 (exclusive bounds, date-time, enum, const)."""
+    for bound, limit in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if bound in node and not isinstance(node[bound], bool):
+            node[limit] = node.pop(bound)
+            node[bound] = True
     if node.get("format") == "date-time":
         node["type"] = "string"
     if "enum" in node and "type" not in node:
@@ -88,6 +74,15 @@ def _structural(node: Any) -> Any:
     if "const" in node:
         node["enum"] = [node.pop("const")]
 
+
+def _structural(node: Any) -> Any:
+    """Rewrite one (already $ref-free) JSON schema node into Kubernetes' dialect."""
+    if isinstance(node, list):
+        return [_structural(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = _collapse(dict(node))
+    _openapi_v3(node)
     if "properties" in node:
         node["type"] = "object"
         node["properties"] = {k: _structural(v) for k, v in node["properties"].items()}

@@ -8,7 +8,16 @@ import sys
 
 import structlog
 
-from fermata_trainer.logging_setup import LiveStream
+
+class _Stderr:
+    """``sys.stderr`` looked up at each write (a stream swapped later, e.g. by pytest's capture,
+    never leaves a closed file behind)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def configure(level: str | None = None, fmt: str | None = None) -> None:
@@ -29,7 +38,7 @@ def configure(level: str | None = None, fmt: str | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=LiveStream("stderr")),  # type: ignore[arg-type]
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
     # Route the stdlib loggers (kopf, kubernetes, botocore) through the same format.

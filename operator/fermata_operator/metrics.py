@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from fermata_api import Decision, Phase
+from fermata_api import Decision, Phase, parse_time
 
 _RUN = ["namespace", "run"]
 
@@ -43,10 +43,8 @@ DECISIONS = Counter(
 
 
 def _age(value: Any, now: datetime) -> float | None:
-    if not value:
-        return None
-    ts = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    return max(0.0, (now - ts).total_seconds())
+    ts = parse_time(value)
+    return None if ts is None else max(0.0, (now - ts).total_seconds())
 
 
 def observe_run(run: dict[str, Any], status: dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fermata_trainer.contract import CheckpointRef
+from fermata_api import CheckpointRef, parse_time
 from fermata_trainer.errors import ObjectNotFoundError
 from fermata_trainer.logging_setup import get_logger
 from fermata_trainer.storage import ObjectInfo, Storage, sha256_bytes, sha256_file
@@ -199,7 +199,7 @@ class CheckpointStore:
             step=int(manifest.get("step", step)),
             epoch=int(manifest.get("epoch", 0)),
             digest=f"sha256:{sha256_bytes(body)}",
-            time=datetime.fromisoformat(manifest["time"]) if manifest.get("time") else datetime.now(UTC),
+            time=parse_time(manifest.get("time")) or datetime.now(UTC),
             reason=manifest.get("reason"),
         )
         return "", VerifiedCheckpoint(ref=ref, manifest=manifest, files=files)

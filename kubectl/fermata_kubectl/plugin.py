@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fermata_trainer import contract
+from fermata_api import contract, parse_time
 
 GROUP, VERSION, PLURAL = contract.API_GROUP, contract.API_VERSION, contract.PLURAL
 TERMINAL = {"Succeeded", "Failed", "BudgetExceeded", "IdleStopped", "Stopped"}
@@ -49,13 +49,6 @@ class PluginError(Exception):
 
 
 # ------------------------------------------------------------------------------------- formatting
-
-
-def parse_time(value: Any) -> datetime | None:
-    if not value:
-        return None
-    ts = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
 
 
 def human_duration(seconds: float) -> str:
@@ -95,25 +88,21 @@ def condition_is_ok(cond: dict[str, Any]) -> bool:
 # ---------------------------------------------------------------------------------------- status
 
 
-def render_status(run: dict[str, Any], now: datetime | None = None) -> str:
-    """The compact status block of one run."""
-    now = now or datetime.now(UTC)
-    meta, spec = run["metadata"], run.get("spec") or {}
-    st = run.get("status") or {}
-    progress = st.get("progress") or {}
-    cost = st.get("cost") or {}
-    lines: list[str] = []
+Rows = list[tuple[str, str]]
 
+
+def _head(run: dict[str, Any]) -> str:
+    meta, spec, st = run["metadata"], run.get("spec") or {}, run.get("status") or {}
     head = f"{meta['name']} ({meta['namespace']})  {st.get('phase') or 'New'}"
     if st.get("decision"):
         head += f"  {st['decision']}"
     if spec.get("suspend") and st.get("phase") != "Suspended":
         head += "  (suspend requested)"
-    lines.append(head)
+    return head
 
-    def row(label: str, text: str) -> None:
-        lines.append(f"  {label:<13}{text}")
 
+def _cost_rows(spec: dict[str, Any], st: dict[str, Any]) -> Rows:
+    cost = st.get("cost") or {}
     budget = cost.get("budgetUSD") or (spec.get("budget") or {}).get("maxUSD") or 0.0
     accrued = float(cost.get("accruedUSD") or 0.0)
     share = accrued / budget if budget else 0.0
@@ -122,8 +111,11 @@ def render_status(run: dict[str, Any], now: datetime | None = None) -> str:
         text += f"  {money(cost['hourlyRateUSD'])}/h"
     if cost.get("projectedTotalUSD") is not None:
         text += f"  projected {money(cost['projectedTotalUSD'])}"
-    row("cost", text)
+    return [("cost", text)]
 
+
+def _progress_rows(st: dict[str, Any], now: datetime) -> Rows:
+    progress = st.get("progress") or {}
     parts = []
     if st.get("progressPercent") is not None:
         parts.append(f"{float(st['progressPercent']):.1f}%")
@@ -135,52 +127,75 @@ def render_status(run: dict[str, Any], now: datetime | None = None) -> str:
         heartbeat = parse_time(progress.get("heartbeatTime"))
         if heartbeat is not None:
             parts.append(f"reported {human_duration((now - heartbeat).total_seconds())} ago")
-    row("progress", "  ".join(parts) if parts else "no report from the trainer yet")
-
+    eta = st.get("eta") or {}
+    if eta.get("remaining"):
+        parts.append(f"ETA {eta['remaining']} ({money(eta.get('remainingCostUSD') or 0.0)} more)")
+    rows: Rows = [("progress", "  ".join(parts) if parts else "no report from the trainer yet")]
     if progress:
         loss = f"train {number(progress.get('trainLoss'))}  val {number(progress.get('validationLoss'))}"
         if progress.get("evaluatedStep") is not None:
             loss += f" @ step {progress['evaluatedStep']}"
         if progress.get("baselineValidationLoss") is not None:
             loss += f"  baseline {number(progress['baselineValidationLoss'])}"
-        row("loss", loss)
-        row("authenticity", number(progress.get("authenticity"), 3))
+        rows += [("loss", loss), ("authenticity", number(progress.get("authenticity"), 3))]
+    return rows
 
+
+def _checkpoint_rows(st: dict[str, Any], now: datetime) -> Rows:
     ckpt = st.get("lastCheckpoint")
-    if ckpt:
-        when = parse_time(ckpt.get("time"))
-        age = f", {human_duration((now - when).total_seconds())} ago" if when else ""
-        row("checkpoint", f"step {ckpt.get('step')}{age}  {ckpt.get('uri')}")
-    else:
-        row("checkpoint", "none yet")
+    if not ckpt:
+        return [("checkpoint", "none yet")]
+    when = parse_time(ckpt.get("time"))
+    age = f", {human_duration((now - when).total_seconds())} ago" if when else ""
+    return [("checkpoint", f"step {ckpt.get('step')}{age}  {ckpt.get('uri')}")]
 
+
+def _pod_rows(spec: dict[str, Any], st: dict[str, Any]) -> Rows:
+    rows: Rows = []
     pod = st.get("pod")
     if pod:
         where = f" on {pod['nodeName']}" if pod.get("nodeName") else ""
         kind = ", ".join(str(x) for x in (pod.get("instanceType"), pod.get("capacityType")) if x)
-        row("pod", f"{pod['name']}{where}{f' ({kind})' if kind else ''}  {pod.get('phase') or ''}".rstrip())
-
-    spot = spec.get("spot") or {}
-    failures = spec.get("failures") or {}
+        rows.append(
+            ("pod", f"{pod['name']}{where}{f' ({kind})' if kind else ''}  {pod.get('phase') or ''}".rstrip())
+        )
+    spot, failures = spec.get("spot") or {}, spec.get("failures") or {}
     retries = (
         f"interruptions {st.get('interruptions', 0)}/{spot.get('maxInterruptions', '?')}"
         f"  failures {st.get('failures', 0)}/{failures.get('maxRetries', '?')}"
     )
     if st.get("lastInterruption"):
         retries += f"  last: {st['lastInterruption']}"
-    row("retries", retries)
+    return [*rows, ("retries", retries)]
 
+
+def _decision_rows(st: dict[str, Any]) -> Rows:
+    rows: Rows = []
     if st.get("decisionReason"):
-        row("decision", f"{st.get('decision') or '-'}: {st['decisionReason']}")
+        rows.append(("decision", f"{st.get('decision') or '-'}: {st['decisionReason']}"))
     bad = [c for c in st.get("conditions") or [] if not condition_is_ok(c)]
     for i, c in enumerate(bad):
         text = f"{c.get('type')}={c.get('status')} {c.get('reason') or ''}".rstrip()
         if c.get("message"):
             text += f": {c['message']}"
-        row("not OK" if i == 0 else "", text)
+        rows.append(("not OK" if i == 0 else "", text))
     if st.get("message"):
-        row("message", str(st["message"]))
-    return "\n".join(lines) + "\n"
+        rows.append(("message", str(st["message"])))
+    return rows
+
+
+def render_status(run: dict[str, Any], now: datetime | None = None) -> str:
+    """The compact status block of one run."""
+    now = now or datetime.now(UTC)
+    spec, st = run.get("spec") or {}, run.get("status") or {}
+    rows = [
+        *_cost_rows(spec, st),
+        *_progress_rows(st, now),
+        *_checkpoint_rows(st, now),
+        *_pod_rows(spec, st),
+        *_decision_rows(st),
+    ]
+    return "\n".join([_head(run), *(f"  {label:<13}{text}" for label, text in rows)]) + "\n"
 
 
 # ---------------------------------------------------------------------------------------- report
