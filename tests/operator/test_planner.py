@@ -446,18 +446,131 @@ def test_invalid_spec_is_a_condition_not_a_crash() -> None:
     assert p.requeue_after is None
 
 
-def test_unknown_price_is_reported() -> None:
+def test_unknown_price_starts_no_pod_and_says_how_to_add_one() -> None:
     r = run()
     r["spec"]["resources"]["instanceTypes"] = ["x9.mega"]
+    p = step(r, [], timedelta(0))
+    assert p.create == []
+    accepted = cond(r, "Accepted")
+    assert accepted["status"] == "False" and accepted["reason"] == "PriceUnknown"
+    assert "x9.mega/spot" in accepted["message"] and "spec.budget.prices" in accepted["message"]
+    assert [e.reason for e in p.events] == ["PriceUnknown"]
+    assert r["status"]["phase"] == "Pending"
+    # Said once, not on every pass.
+    assert step(r, [], timedelta(minutes=1)).events == []
+    # A price for it (here a spec override) lets the run start.
+    r["spec"]["budget"]["prices"] = [{"instanceType": "x9.mega", "capacityType": "spot", "hourlyUSD": 2.0}]
+    p = step(r, [], timedelta(minutes=2))
+    assert [o["metadata"]["name"] for o in p.create if o["kind"] == "Pod"] == ["demo-0"]
+    assert cond(r, "Accepted")["status"] == "True"
+
+
+def test_a_pod_on_an_unpriced_node_is_billed_at_the_worst_case_not_zero() -> None:
+    r = run()
+    r["spec"]["resources"]["instanceTypes"] = ["g4dn.xlarge", "g5.xlarge"]
     step(r, [], timedelta(0))
     pod = running(pod_for(r), "weird", T0)
-    NODES["weird"] = node("weird", instance_type="x9.mega")
+    NODES["weird"] = node("weird", instance_type="x9.mega")  # a node whose type we cannot price
     try:
-        step(r, [pod], timedelta(minutes=5))
+        step(r, [pod], timedelta(hours=1))
     finally:
         del NODES["weird"]
     assert cond(r, "Accepted")["reason"] == "UnknownPrice"
     assert "x9.mega" in cond(r, "Accepted")["message"]
+    # The highest price the run could pay: g4dn.xlarge on-demand ($1.30/h, above g5.xlarge's).
+    assert r["status"]["cost"]["accruedUSD"] == pytest.approx(1.30, rel=1e-3)
+
+
+def test_interruption_while_suspending_still_counts() -> None:
+    r = run()
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "spot-1", T0)
+    step(r, [pod], timedelta(minutes=10))
+    r["spec"]["suspend"] = True
+    # The node was reclaimed before our stop reached the pod: the kubelet marks it disrupted.
+    pod = terminated(pod, 143, T0 + timedelta(minutes=11), phase="Failed")
+    pod["status"]["conditions"].append(
+        {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager"}
+    )
+    step(r, [pod], timedelta(minutes=11))
+    assert r["status"]["phase"] == "Suspended"
+    assert r["status"]["interruptions"] == 1
+    assert cond(r, "Interrupted")["reason"] == "DeletionByTaintManager"
+    step(r, [pod], timedelta(minutes=12))
+    assert r["status"]["interruptions"] == 1  # counted once
+
+
+def test_a_new_pod_does_not_inherit_the_previous_pods_checkpoint_request() -> None:
+    r = run()
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "spot-2", T0)
+    NODES["spot-2"] = node(
+        "spot-2", taints=[{"key": "aws-node-termination-handler/spot-itn", "effect": "NoSchedule"}]
+    )
+    try:
+        step(r, [pod], timedelta(minutes=1))
+        assert r["status"]["control"]["checkpointRequest"]["id"] == "demo-0-termination-notice"
+        pod["metadata"]["deletionTimestamp"] = iso(T0 + timedelta(minutes=2))
+        pod = terminated(pod, 0, T0 + timedelta(minutes=2))
+        step(r, [pod], timedelta(minutes=2))  # interrupted: wait out the backoff
+        p = step(r, [pod], timedelta(minutes=10))
+    finally:
+        del NODES["spot-2"]
+    assert [o["metadata"]["name"] for o in p.create if o["kind"] == "Pod"] == ["demo-1"]
+    assert "checkpointRequest" not in r["status"].get("control", {})
+
+
+def test_eta_and_projection_count_every_gpu() -> None:
+    def remaining(gpus: int) -> tuple[float, float]:
+        r = run(resources={"gpus": gpus})
+        step(r, [], timedelta(0))
+        pod = running(pod_for(r), "spot-1", T0)
+        # 100 of 1000 steps done at 16 samples/s (global).
+        r["status"]["progress"] = progress(100, 1000, T0 + timedelta(minutes=10), samplesPerSecond=16.0)
+        step(r, [pod], timedelta(minutes=10))
+        st = r["status"]
+        return st["eta"]["remainingSeconds"], st["eta"]["remainingCostUSD"]
+
+    one, four = remaining(1), remaining(4)
+    assert one[0] == pytest.approx(900 * 8 / 16.0)  # 900 steps × batch 8 ÷ 16 samples/s
+    assert four[0] == pytest.approx(4 * one[0])
+    assert four[1] == pytest.approx(4 * one[1], abs=1e-3)  # both rounded to 4 decimals
+
+
+def test_preparing_is_not_idle_until_its_own_allowance() -> None:
+    r = run(idle={"timeout": "10m", "preparationTimeout": "2h"})
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "spot-1", T0)
+    r["status"]["progress"] = {**progress(0, 100, T0 + timedelta(minutes=59)), "state": "Tokenizing"}
+    step(r, [pod], timedelta(minutes=59, seconds=30))
+    assert r["status"]["phase"] == "Running"
+    assert cond(r, "Idle")["status"] == "False" and cond(r, "Idle")["reason"] == "Preparing"
+    r["status"]["progress"]["heartbeatTime"] = iso(T0 + timedelta(hours=2, minutes=1))
+    step(r, [pod], timedelta(hours=2, minutes=1))
+    assert r["status"]["phase"] == "IdleStopped"
+    assert cond(r, "Idle")["reason"] == "PreparationTooLong"
+
+
+def test_plateau_stops_with_the_final_gates_decision() -> None:
+    gate = {"name": "loss", "at": {"step": 10}, "require": {"maxValidationLoss": 4.0}}
+    r = run(plateau={"evaluations": 2}, gates=[gate], idle={"timeout": "1000h"})
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "spot-1", T0)
+    t = timedelta(minutes=1)
+    for evaluated, loss in ((0, 4.2), (10, 3.5), (20, 3.6)):
+        r["status"]["progress"] = progress(
+            evaluated, 1000, T0 + t, evaluatedStep=evaluated, validationLoss=loss, baselineValidationLoss=4.2
+        )
+        step(r, [pod], t)
+        t += timedelta(minutes=1)
+        assert r["status"]["phase"] == "Running"
+    assert r["status"]["evaluations"]["sinceBest"] == 1
+    r["status"]["progress"] = progress(30, 1000, T0 + t, evaluatedStep=30, validationLoss=3.7)
+    step(r, [pod], t)
+    assert r["status"]["phase"] == "Stopped"
+    assert r["status"]["stop"]["reason"] == "Plateau"
+    assert r["status"]["decision"] == "GO"  # 3.7 is under the gate's 4.0
+    assert r["status"]["evaluations"]["bestStep"] == 10
 
 
 def test_finalizer_kept_while_pod_runs() -> None:

@@ -129,14 +129,3 @@ def decode_audio(path: Path) -> tuple[npt.NDArray[np.float32], int]:
     if not np.all(np.isfinite(wav)):
         raise UnreadableAudioError(f"{path}: decoded samples contain NaN or infinity")
     return wav, rate
-
-
-def write_wav(path: Path, wav: npt.NDArray[np.float32], sample_rate: int) -> None:
-    """Write ``[channels, frames]`` (or ``[frames]``) float audio as 16-bit PCM WAV."""
-    import soundfile as sf
-
-    data = np.asarray(wav, dtype=np.float32)
-    if data.ndim == 2:
-        data = data.T
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), np.clip(data, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")

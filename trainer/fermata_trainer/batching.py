@@ -75,9 +75,3 @@ class BatchPlan:
         if index >= self.num_samples:
             return DataPosition(position.epoch + 1, 0)
         return DataPosition(position.epoch, index)
-
-    def position_at(self, step: int) -> DataPosition:
-        """Where step ``step`` (0-based count of steps done) starts."""
-        return DataPosition(
-            step // self.steps_per_epoch, (step % self.steps_per_epoch) * self.samples_per_step
-        )

@@ -33,9 +33,11 @@ def _clocks(
     """Advance the tracking clocks with this report."""
     preparing = progress is not None and progress.state in PREPARING_STATES
     if preparing:
+        # Preparation began with the pod unless training was seen before it.
+        since = t.preparing_since or (started if t.step_since is None else now)
         return t.model_copy(
             update={
-                "preparing_since": t.preparing_since or now,
+                "preparing_since": since,
                 "step": progress.step if progress else None,
                 "step_since": now,
                 "low_gpu_since": None,

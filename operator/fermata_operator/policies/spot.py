@@ -53,15 +53,6 @@ def capacity_for(
     return CapacityType.spot, "spot"
 
 
-def capacities_possible(spec: TrainingRunSpec) -> list[CapacityType]:
-    """Every capacity type a pod of this run may be created on (to check prices up front)."""
-    if spec.resources.capacity is CapacityType.on_demand:
-        return [CapacityType.on_demand]
-    if spec.spot.fallback_to_on_demand_after > 0 or spec.deadline:
-        return [CapacityType.spot, CapacityType.on_demand]
-    return [CapacityType.spot]
-
-
 def on_interruption(
     spec: TrainingRunSpec, count: int, pod_name: str, outcome: Outcome
 ) -> tuple[Verdict, float]:
