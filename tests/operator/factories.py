@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from fermata_api import CapacityType, TrainingRunSpec
 from fermata_operator import podspec
-from fermata_operator.api import CapacityType, TrainingRunSpec
 from fermata_operator.settings import OperatorSettings
 
 T0 = datetime(2026, 1, 5, 12, 0, 0, tzinfo=UTC)
@@ -124,3 +124,46 @@ def progress(step: int, total: int, at: datetime, pod: str = "demo-0", **extra: 
         "totalSteps": total,
         **extra,
     }
+
+
+# -- small builders for the policy unit tests (tests/operator/policies) ----------------------------
+
+
+def training_spec(**overrides: Any) -> TrainingRunSpec:
+    """A validated spec (the dict of :func:`spec` with ``overrides``)."""
+    return TrainingRunSpec.model_validate(spec(**overrides))
+
+
+def deleting(p: dict[str, Any], at: datetime) -> dict[str, Any]:
+    """The pod with a deletionTimestamp (``at``: the deletion deadline the API server sets)."""
+    p["metadata"]["deletionTimestamp"] = iso(at)
+    return p
+
+
+def with_condition(
+    p: dict[str, Any], ctype: str, status: str = "True", reason: str | None = None, at: datetime | None = None
+) -> dict[str, Any]:
+    """The pod with one more status condition (e.g. DisruptionTarget)."""
+    c: dict[str, Any] = {"type": ctype, "status": status}
+    if reason is not None:
+        c["reason"] = reason
+    if at is not None:
+        c["lastTransitionTime"] = iso(at)
+    p["status"].setdefault("conditions", []).append(c)
+    return p
+
+
+def waiting(
+    p: dict[str, Any], reason: str, message: str | None = None, node_name: str | None = "n1"
+) -> dict[str, Any]:
+    """A Pending pod whose trainer container waits (ImagePullBackOff, CreateContainerConfigError ...)."""
+    if node_name:
+        p["spec"]["nodeName"] = node_name
+    state: dict[str, Any] = {"reason": reason}
+    if message is not None:
+        state["message"] = message
+    p["status"] = {
+        "phase": "Pending",
+        "containerStatuses": [{"name": "trainer", "state": {"waiting": state}}],
+    }
+    return p

@@ -131,16 +131,19 @@ def remaining_seconds(progress: TrainerProgress | None, spec: TrainingRunSpec) -
 
 
 def human_duration(seconds: float) -> str:
-    """``3h12m``, ``4d2h``, ``45s`` — the two largest units."""
-    s = int(round(seconds))
-    parts: list[str] = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if s >= size or (unit == "s" and not parts):
-            parts.append(f"{s // size}{unit}")
-            s %= size
-        if len(parts) == 2:
-            break
-    return "".join(parts)
+    """``3h12m``, ``4d2h``, ``3h``, ``45s`` — the largest unit and, if not zero, the next one."""
+    s = max(0, int(round(seconds)))
+    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+    for i, (unit, size) in enumerate(units):
+        if s >= size or unit == "s":
+            text = f"{s // size}{unit}"
+            if i + 1 < len(units):
+                nxt, nsize = units[i + 1]
+                rest = (s % size) // nsize
+                if rest:
+                    text += f"{rest}{nxt}"
+            return text
+    return "0s"
 
 
 def eta(remaining: float | None, hourly_rate_usd: float, now: datetime) -> Eta | None:

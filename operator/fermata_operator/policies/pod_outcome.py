@@ -7,9 +7,11 @@ This is where spot interruptions are told apart from application failures:
   ``EvictionByEvictionAPI``, ``DeletionByPodGC``, ``TerminationByKubelet``); its status reason
   is an eviction or node shutdown; it was deleted by someone other than the operator; its node
   was deleted or carries a termination taint.
-* **Failure**: the container exited non-zero on its own (exit code, ``OOMKilled``), or the pod
-  cannot start (image pull errors, missing Secret / ConfigMap) — the latter are *permanent*
-  config errors that retrying will not fix.
+* **Failure**: the container exited non-zero on its own (exit code, ``OOMKilled``).
+* **Config error** (permanent, not retried): the trainer's exit code 2, or a pod that cannot
+  start because of its own spec (missing Secret / ConfigMap, an invalid image name). Image pull
+  errors (``ErrImagePull``, ``ImagePullBackOff``) are left to the kubelet's retries: the pod is
+  still starting.
 
 A pod that is being deleted while its container still runs is *not* over yet: the trainer is
 writing its SIGTERM checkpoint. It counts as interrupted once it has ended — or at once if its
@@ -64,6 +66,9 @@ class Outcome:
 
     @property
     def ended(self) -> bool:
+        """The container is done (a config error is done once its container has exited)."""
+        if self.kind is Kind.config_error:
+            return self.finished is not None
         return self.kind in {Kind.succeeded, Kind.failed, Kind.interrupted, Kind.stopped}
 
 

@@ -13,6 +13,7 @@ run could pay.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -99,7 +100,7 @@ class PriceTable:
     @classmethod
     def from_config_map_data(cls, data: Mapping[str, str] | None) -> PriceTable:
         """The built-ins plus a ConfigMap's data (``g4dn.xlarge_spot: "0.39"``; ConfigMap keys
-        cannot hold ``/``). A value that is not a non-negative number is ignored."""
+        cannot hold ``/``). A value that is not a finite non-negative number is ignored."""
         table = dict(DEFAULT_PRICES)
         for key, value in (data or {}).items():
             itype, sep, capacity = key.rpartition("/" if "/" in key else "_")
@@ -107,7 +108,7 @@ class PriceTable:
                 price = float(value)
             except ValueError:
                 continue
-            if sep and itype and price >= 0:
+            if sep and itype and math.isfinite(price) and price >= 0:
                 table[price_key(itype, capacity)] = price
         return cls(prices=table)
 
