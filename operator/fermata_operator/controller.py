@@ -167,10 +167,7 @@ class RunController:
         self.create_all(plan.create)
         old = {k: v for k, v in (run.get("status") or {}).items() if k not in planner.TRAINER_KEYS}
         if planner.status_changed(old, plan.status, self.settings.cost_write_seconds, now):
-            body = dict(plan.status)
-            for key in old:
-                if key not in body:
-                    body[key] = None  # merge patch: remove what the plan dropped
+            body = planner.merge_patch(old, plan.status)
             written = self.custom.patch_namespaced_custom_object_status(
                 contract.API_GROUP,
                 contract.API_VERSION,

@@ -9,7 +9,7 @@ import pytest
 
 from fermata_api import TrainingRunStatus
 from fermata_api.meta import ANNOTATION_STOP_REASON, POD_FINALIZER
-from fermata_operator.planner import Observed, Plan, plan, status_changed
+from fermata_operator.planner import Observed, Plan, merge_patch, plan, status_changed
 from fermata_operator.policies.prices import PriceTable
 from fermata_operator.settings import OperatorSettings
 from tests.operator.factories import T0, iso, node, pod_for, progress, run, running, terminated
@@ -638,3 +638,32 @@ def test_terminating_pod_whose_kubelet_is_gone_counts_after_the_patience() -> No
     assert r["status"]["interruptions"] == 1
     seg = r["status"]["cost"]["segments"][0]
     assert seg["end"] == iso(T0 + timedelta(minutes=10))  # billed up to the deletion deadline
+
+
+def test_merge_patch_removes_what_the_plan_dropped_at_any_depth() -> None:
+    old = {
+        "phase": "Running",
+        "control": {"evaluationRequest": {"id": "g"}, "stopReport": {"id": "s"}},
+        "x": 1,
+    }
+    new = {"phase": "Running", "control": {"stopReport": {"id": "s"}}}
+    body = merge_patch(old, new)
+    assert body == {
+        "phase": "Running",
+        "control": {"stopReport": {"id": "s"}, "evaluationRequest": None},
+        "x": None,
+    }
+
+    # Applying it as RFC 7386 does gives ``new``.
+    def apply(target: dict, patch: dict) -> dict:
+        out = dict(target)
+        for k, v in patch.items():
+            if v is None:
+                out.pop(k, None)
+            elif isinstance(v, dict) and isinstance(out.get(k), dict):
+                out[k] = apply(out[k], v)
+            else:
+                out[k] = v
+        return out
+
+    assert apply(old, body) == new

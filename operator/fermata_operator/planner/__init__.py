@@ -14,6 +14,15 @@ conflict.
 from fermata_operator.planner.context import operator_status, read_status
 from fermata_operator.planner.lifecycle import plan
 from fermata_operator.planner.model import TRAINER_KEYS, Observed, Plan
-from fermata_operator.planner.writes import status_changed
+from fermata_operator.planner.writes import merge_patch, status_changed
 
-__all__ = ["TRAINER_KEYS", "Observed", "Plan", "operator_status", "plan", "read_status", "status_changed"]
+__all__ = [
+    "TRAINER_KEYS",
+    "Observed",
+    "Plan",
+    "merge_patch",
+    "operator_status",
+    "plan",
+    "read_status",
+    "status_changed",
+]

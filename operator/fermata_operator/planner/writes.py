@@ -38,3 +38,18 @@ def status_changed(old: dict[str, Any], new: dict[str, Any], min_cost_interval: 
         return False
     updated = parse_time((old.get("cost") or {}).get("updated"))
     return updated is None or (now - updated).total_seconds() >= min_cost_interval
+
+
+def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch (RFC 7386) that turns ``old`` into ``new``: what ``new`` dropped, at
+    any depth, is sent as null (a merge patch otherwise keeps it); lists are replaced whole."""
+    body: dict[str, Any] = {}
+    for key, value in new.items():
+        before = old.get(key)
+        body[key] = (
+            merge_patch(before, value) if isinstance(value, dict) and isinstance(before, dict) else value
+        )
+    for key in old:
+        if key not in new:
+            body[key] = None
+    return body
