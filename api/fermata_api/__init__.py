@@ -25,7 +25,16 @@ from fermata_api.contract import (
     read_control,
     report_key,
 )
-from fermata_api.meta import API_GROUP, API_VERSION, CATEGORIES, KIND, PLURAL, SHORT_NAMES, SINGULAR
+from fermata_api.meta import (
+    API_GROUP,
+    API_VERSION,
+    CATEGORIES,
+    KIND,
+    PLURAL,
+    SHORT_NAMES,
+    SINGULAR,
+    TRAINER_FIELD_MANAGER,
+)
 from fermata_api.spec import (
     DEFAULT_PROXY_TAGS,
     BudgetSpec,
@@ -82,6 +91,7 @@ __all__ = [
     "SHORT_NAMES",
     "SINGULAR",
     "TERMINAL_PHASES",
+    "TRAINER_FIELD_MANAGER",
     "AbortReport",
     "ApiModel",
     "BudgetSpec",

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from fermata_trainer.errors import ObjectNotFoundError
@@ -96,6 +97,46 @@ def test_retry_backs_off_on_transient_errors_only() -> None:
     assert len(delays) == 2  # no retry for a permanent error
 
 
+def _upload_failed(cause: ClientError | None) -> S3UploadFailedError:
+    """An S3UploadFailedError as boto3's upload_file raises it: inside ``except ClientError``."""
+    try:
+        if cause is None:
+            raise S3UploadFailedError("Failed to upload /tmp/x to b/k: connection lost")
+        try:
+            raise cause
+        except ClientError as e:
+            raise S3UploadFailedError(f"Failed to upload /tmp/x to b/k: {e}")  # noqa: B904
+    except S3UploadFailedError as exc:
+        return exc
+
+
+def test_failed_uploads_are_transient_unless_the_request_was_refused() -> None:
+    for status, code in [(503, "SlowDown"), (500, "InternalError"), (400, "RequestTimeout")]:
+        assert is_transient(_upload_failed(_client_error(status, code))), code
+    assert is_transient(_upload_failed(None))  # nothing chained: worth another try
+    for status, code in [(403, "AccessDenied"), (404, "NoSuchBucket")]:
+        assert not is_transient(_upload_failed(_client_error(status, code))), code
+
+    delays: list[float] = []
+    calls = {"n": 0}
+
+    def upload() -> str:
+        calls["n"] += 1
+        if calls["n"] < 3:
+            raise _upload_failed(_client_error(503, "SlowDown"))
+        return "uploaded"
+
+    assert retry_call(upload, what="upload", policy=FAST_RETRY, sleep=delays.append) == "uploaded"
+    assert calls["n"] == 3 and len(delays) == 2
+
+    def refused() -> None:
+        raise _upload_failed(_client_error(403, "AccessDenied"))
+
+    with pytest.raises(S3UploadFailedError, match="AccessDenied"):
+        retry_call(refused, what="upload", policy=FAST_RETRY, sleep=delays.append)
+    assert len(delays) == 2
+
+
 def _s3_storage(server: S3Server, bucket: str, prefix: str, *, faults: bool = False) -> S3Storage:
     client = make_s3_client(
         endpoint_url=server.fault_endpoint_url if faults else server.endpoint_url,
@@ -141,3 +182,18 @@ def test_s3_retries_through_server_faults(s3_server: S3Server) -> None:
     finally:
         proxy.passthrough()
     assert [o.key for o in storage.list()] == ["a.bin"]
+
+
+def test_s3_upload_file_retries_through_server_faults(s3_server: S3Server, tmp_path: Path) -> None:
+    """upload_file reports a failed request as S3UploadFailedError: retried like any other."""
+    bucket = s3_server.make_bucket("trainer-upload-faults")
+    storage = _s3_storage(s3_server, bucket, "ckpt", faults=True)
+    src = tmp_path / "lm.pt"
+    src.write_bytes(b"w" * 70_000)
+    proxy = s3_server.faults
+    try:
+        proxy.fail_next(2, "error", status=503, code="SlowDown")
+        storage.upload_file(src, "step/lm.pt")
+    finally:
+        proxy.passthrough()
+    assert storage.get_bytes("step/lm.pt") == src.read_bytes()

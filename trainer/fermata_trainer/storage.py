@@ -1,7 +1,7 @@
 """Object storage for checkpoints, code shards, samples and reports: a local folder or S3.
 
-Every location is a URI: ``s3://bucket/prefix``, ``file:///abs/path`` or a plain path (mapped
-through :func:`~fermata_trainer.contract.resolve_mount_path`). A :class:`Storage` is rooted at
+Every location is a URI: ``s3://bucket/prefix``, ``file:///abs/path`` or a plain path (used as
+it is: inside a pod, a path on the pod's file system). A :class:`Storage` is rooted at
 one such URI and addresses objects by keys relative to it (``checkpoints/step-000000010/lm.pt``).
 
 S3 calls go through :func:`retry_call`: throttling, 5xx answers and connection errors are
@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fermata_trainer.contract import resolve_mount_path
 from fermata_trainer.errors import ObjectNotFoundError
 from fermata_trainer.logging_setup import get_logger
 
@@ -78,8 +77,15 @@ def _client_error_code(exc: BaseException) -> tuple[str, int]:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for errors worth retrying: S3 5xx, throttling, timeouts, dropped connections."""
+    """True for errors worth retrying: S3 5xx, throttling, timeouts, dropped connections.
+
+    ``upload_file``/``upload_fileobj`` report a failed request as boto3's
+    ``S3UploadFailedError`` (its message carries the request's error, which is chained as the
+    exception's context): transient, unless the chained error is a permanent one such as
+    AccessDenied or NoSuchBucket.
+    """
     try:
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import (
             ClientError,
             HTTPClientError,
@@ -89,6 +95,9 @@ def is_transient(exc: BaseException) -> bool:
         )
     except ImportError:  # pragma: no cover - boto3 is a dependency
         return False
+    if isinstance(exc, S3UploadFailedError):
+        underlying = exc.__cause__ or exc.__context__
+        return not isinstance(underlying, ClientError) or is_transient(underlying)
     if isinstance(exc, ClientError):
         code, status = _client_error_code(exc)
         return status >= 500 or status == 429 or code in _THROTTLE_CODES
@@ -494,10 +503,10 @@ def is_s3_uri(uri: str) -> bool:
 
 
 def local_path_of(uri: str) -> Path:
-    """The filesystem path of a local URI (``file://`` or a plain path, mount-mapped)."""
+    """The filesystem path of a local URI (``file://`` or a plain path)."""
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
-    return resolve_mount_path(uri)
+    return Path(uri)
 
 
 def open_storage(uri: str, s3_client: Any | None = None) -> Storage:

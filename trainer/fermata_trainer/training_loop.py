@@ -8,7 +8,12 @@ bf16 autocast on GPU over float32 weights; float32 on CPU.
 Stopping safely: SIGTERM/SIGINT (or the launcher's stop file) only set a flag; the current step
 finishes, a checkpoint is written and the process exits 0. A checkpoint request read from
 ``status.control`` is answered the same way (and acknowledged in
-``progress.checkpointRequestAck``), stopping afterwards when it says ``stop``. A resumed run
+``progress.checkpointRequestAck``), stopping afterwards when it says ``stop``. An evaluation
+request (``status.control.evaluationRequest``, e.g. for a gate whose milestone fell between two
+scheduled evaluations) is answered once the run is at or past its ``minStep``: by the scheduled
+evaluation's code path, or by nothing more than the acknowledgement
+(``progress.evaluationRequestAck``) when an evaluation at or after ``minStep`` already exists.
+A resumed run
 restores model, optimizer, scheduler, RNG states and the data position, so it continues with
 exactly the batches and losses the uninterrupted run would have had.
 """
@@ -36,14 +41,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fermata_trainer.batching import BatchPlan, DataPosition
-from fermata_trainer.checkpoints import CheckpointStore, VerifiedCheckpoint, step_dir_name
-from fermata_trainer.codes_cache import CodesCache, CodesDataset
-from fermata_trainer.conditioning import apply_cfg_dropout, cfg_dropout_mask, make_attributes
-from fermata_trainer.contract import (
+from fermata_api import (
     EXIT_STOPPED_WITH_CHECKPOINT,
     CheckpointRef,
     CheckpointRequest,
+    EvaluationRequest,
     PodEnv,
     Precision,
     StopReport,
@@ -53,8 +55,11 @@ from fermata_trainer.contract import (
     TrainerStatus,
     read_control,
     report_key,
-    resolve_mount_path,
 )
+from fermata_trainer.batching import BatchPlan, DataPosition
+from fermata_trainer.checkpoints import CheckpointStore, VerifiedCheckpoint, step_dir_name
+from fermata_trainer.codes_cache import CodesCache, CodesDataset
+from fermata_trainer.conditioning import apply_cfg_dropout, cfg_dropout_mask, make_attributes
 from fermata_trainer.dataset import AudioFetcher, EmptySubsetError, prepare_dataset
 from fermata_trainer.distributed import (
     DistInfo,
@@ -171,6 +176,10 @@ class Trainer:
         self.checkpoint_step: int | None = None
         self.ack: str | None = None
         self.pending_request: CheckpointRequest | None = None
+        #: id of the last status.control.evaluationRequest answered (progress.evaluationRequestAck)
+        self.evaluation_ack: str | None = None
+        #: an evaluation request not answered yet (rank 0 only: it reads status.control)
+        self.pending_evaluation: EvaluationRequest | None = None
         self.stop_report: StopReport | None = None
         self.last_report_ok = False
         self.stop_report_uri: str | None = None
@@ -237,12 +246,13 @@ class Trainer:
             gpu_utilization=gpu_util,
             gpu_memory_bytes=gpu_mem,
             checkpoint_request_ack=self.ack,
+            evaluation_request_ack=self.evaluation_ack,
             stop_report_uri=self.stop_report_uri,
             message=self.message,
         )
 
     def report(self, state: TrainerState | None = None, message: str | None = None) -> None:
-        """Send the status now (rank 0 only) and pick up any checkpoint request."""
+        """Send the status now (rank 0 only) and pick up any checkpoint or evaluation request."""
         if state is not None:
             self.state = state
         if message is not None:
@@ -277,6 +287,29 @@ class Trainer:
                         stop=request.stop,
                     )
                 self.pending_request = request
+            self._pick_up_evaluation_request(control.evaluation_request, response)
+
+    def _pick_up_evaluation_request(
+        self, request: EvaluationRequest | None, response: dict[str, Any]
+    ) -> None:
+        if request is not None and request.id != self.evaluation_ack:
+            if self.pending_evaluation is None or self.pending_evaluation.id != request.id:
+                log.info(
+                    "evaluation_requested",
+                    id=request.id,
+                    min_step=request.min_step,
+                    reason=request.reason,
+                    step=self.step,
+                )
+            self.pending_evaluation = request
+        elif (
+            request is None
+            and self.pending_evaluation is not None
+            and isinstance(response.get("status"), dict)
+        ):
+            # The operator took it back (the run's status carries no request any more).
+            log.info("evaluation_request_withdrawn", id=self.pending_evaluation.id)
+            self.pending_evaluation = None
 
     def _final_report(self, message: str, attempts: int = 5) -> None:
         """The last report before exiting matters (it carries the SIGTERM checkpoint and fetches
@@ -405,6 +438,7 @@ class Trainer:
             "history": self.history,
             "baseline": self.baseline,
             "ack": self.ack,
+            "evaluation_ack": self.evaluation_ack,
             "last_eval": _eval_to_json(self.last_eval),
             "last_eval_step": self.last_eval_step,
             "model": self.config.model.base,
@@ -431,6 +465,7 @@ class Trainer:
         self.history = list(state["history"])
         self.baseline = state["baseline"]
         self.ack = state["ack"]
+        self.evaluation_ack = state.get("evaluation_ack")
         self.last_eval = _eval_from_json(state.get("last_eval"))
         self.last_eval_step = state.get("last_eval_step")
         rng_states = state["rng"]
@@ -482,7 +517,7 @@ class Trainer:
         if self.dist.enabled:
             bind_context(rank=self.dist.rank)
         self._seed()
-        work_dir = resolve_mount_path(cfg.work_dir)
+        work_dir = Path(cfg.work_dir)
         work_dir.mkdir(parents=True, exist_ok=True)
         storage = open_storage(cfg.storage.checkpoints)
         if isinstance(storage, S3Storage):  # children (cache, samples, tensorboard) inherit it
@@ -591,9 +626,11 @@ class Trainer:
         while True:
             stop_local = self._stop_requested_locally()
             request = self.pending_request
-            stop, requested, request_stop = any_rank(
+            evaluation, evaluation_needed = self._due_evaluation()
+            # Only rank 0 reads status.control: the OR makes its decisions every rank's.
+            stop, requested, request_stop, evaluate_now = any_rank(
                 self.dist,
-                [stop_local, request is not None, bool(request and request.stop)],
+                [stop_local, request is not None, bool(request and request.stop), evaluation_needed],
                 self.device,
             )
             if stop or requested:
@@ -609,6 +646,9 @@ class Trainer:
                     return self._outcome(EXIT_STOPPED_WITH_CHECKPOINT, TrainerState.stopped)
                 self.report(TrainerState.training)
 
+            if evaluate_now or evaluation is not None:
+                self._answer_evaluation(evaluation, evaluate_now, evaluator, codes)
+
             if self.step >= self.total_steps:
                 break
 
@@ -622,38 +662,13 @@ class Trainer:
             self._samples_since_report += plan.samples_per_step
             if self.gpu is not None:
                 self.gpu.sample()
-            lr = float(scheduler.get_last_lr()[0])
             if self.dist.is_main:
-                log.info(
-                    "train_step",
-                    step=self.step,
-                    epoch=self.epoch,
-                    loss=loss,
-                    lr=lr,
-                    grad_norm=grad_norm,
-                    seconds=round(time.monotonic() - started, 4),
-                )
-                if self.tensorboard is not None:
-                    self.tensorboard.scalars(
-                        self.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm}
-                    )
-                if bar is not None:
-                    bar.update(self.step, loss)
+                self._log_step(loss, float(scheduler.get_last_lr()[0]), grad_norm, started, bar)
 
             if self.step % tcfg.evaluate_every_steps == 0:
                 self._evaluate(evaluator, codes)
             if self.step % tcfg.checkpoint_every_steps == 0:
-                try:
-                    self._checkpoint(store, lm, optimizer, scheduler, "periodic", None)
-                    if self.message and self.message.startswith((CHECKPOINT_FAILED, STORAGE_TROUBLE)):
-                        self.message = None  # storage is back: the trouble is over
-                except Exception as exc:  # the next periodic (or final) checkpoint retries
-                    log.error("checkpoint_failed", step=self.step, error=f"{type(exc).__name__}: {exc}")
-                    # Surfaced in status.progress.message until a checkpoint succeeds again.
-                    self.message = (
-                        f"{CHECKPOINT_FAILED} at step {self.step}: {type(exc).__name__}: {exc}"[:700]
-                        + "; training goes on, the next checkpoint retries"
-                    )
+                self._periodic_checkpoint(store, lm, optimizer, scheduler)
                 self.report(TrainerState.training)
             elif self._heartbeat_due():
                 self.report(TrainerState.training)
@@ -674,6 +689,40 @@ class Trainer:
             baseline_validation_loss=self.baseline,
         )
         return self._outcome(0, TrainerState.completed)
+
+    def _log_step(
+        self, loss: float, lr: float, grad_norm: float, started: float, bar: ProgressBar | None
+    ) -> None:
+        log.info(
+            "train_step",
+            step=self.step,
+            epoch=self.epoch,
+            loss=loss,
+            lr=lr,
+            grad_norm=grad_norm,
+            seconds=round(time.monotonic() - started, 4),
+        )
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(
+                self.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm}
+            )
+        if bar is not None:
+            bar.update(self.step, loss)
+
+    def _periodic_checkpoint(
+        self, store: CheckpointStore, lm: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    ) -> None:
+        try:
+            self._checkpoint(store, lm, optimizer, scheduler, "periodic", None)
+            if self.message and self.message.startswith((CHECKPOINT_FAILED, STORAGE_TROUBLE)):
+                self.message = None  # storage is back: the trouble is over
+        except Exception as exc:  # the next periodic (or final) checkpoint retries
+            log.error("checkpoint_failed", step=self.step, error=f"{type(exc).__name__}: {exc}")
+            # Surfaced in status.progress.message until a checkpoint succeeds again.
+            self.message = (
+                f"{CHECKPOINT_FAILED} at step {self.step}: {type(exc).__name__}: {exc}"[:700]
+                + "; training goes on, the next checkpoint retries"
+            )
 
     def _outcome(self, code: int, state: TrainerState) -> RunOutcome:
         return RunOutcome(code, state, self.step, self.total_steps, self.last_checkpoint, list(self.losses))
@@ -757,6 +806,39 @@ class Trainer:
             self.report(TrainerState.training)
         self.last_eval_step = self.step
         barrier(self.dist)
+
+    def _due_evaluation(self) -> tuple[EvaluationRequest | None, bool]:
+        """The pending evaluation request once the run is at or past its minStep (rank 0; None
+        elsewhere), and whether answering it needs an evaluation: not when one at or after
+        minStep exists already (e.g. the scheduled evaluation at this very step)."""
+        request = self.pending_evaluation
+        if request is None or self.step < request.min_step:
+            return None, False
+        evaluated = self.last_eval_step is not None and self.last_eval_step >= request.min_step
+        return request, not evaluated
+
+    def _answer_evaluation(
+        self,
+        request: EvaluationRequest | None,
+        evaluate: bool,
+        evaluator: Evaluator,
+        codes: CodesDataset,
+    ) -> None:
+        """Evaluate (every rank, when any must) and acknowledge the request (rank 0)."""
+        if evaluate:
+            self._evaluate(evaluator, codes)
+        if request is None:
+            return
+        self.evaluation_ack = request.id
+        self.pending_evaluation = None
+        log.info(
+            "evaluation_request_answered",
+            id=request.id,
+            min_step=request.min_step,
+            evaluated_step=self.last_eval_step,
+            evaluated_now=evaluate,
+        )
+        self.report(TrainerState.training)
 
     # ================================================================== checkpoints
 
