@@ -21,7 +21,7 @@ as a few client threads can, and measures:
   → seconds from the budget crossing (pod ``startTime`` + maxUSD / rate, the operator's own
   accounting) to the pod's deletion being seen, and the billed spend past the budget in seconds.
 
-Nodes are played by the Python test kubelet (:mod:`fermata_operator.local.kubelet`), one process
+Nodes are played by the Python test kubelet (:mod:`fermata_dev.kubelet`), one process
 per ``--nodes-per-kubelet`` nodes, in ``auto`` mode (a bound pod goes Running at once), posting
 node status every ``--node-status-seconds`` (like a kubelet's ``nodeStatusReportFrequency``; no
 node lifecycle controller runs, so nodes stay Ready). It carries N = 1000 with ~15 CPU seconds
@@ -62,13 +62,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "operator"))
 sys.path.insert(0, str(ROOT / "trainer"))
+sys.path.insert(0, str(ROOT / "dev"))
 
 from kubernetes import client  # noqa: E402
 from kubernetes.client.exceptions import ApiException  # noqa: E402
 
+from fermata_api import contract  # noqa: E402
+from fermata_dev.cluster import LocalControlPlane, ensure_built  # noqa: E402
 from fermata_operator.crdgen import render  # noqa: E402
-from fermata_operator.local.cluster import LocalControlPlane, ensure_built  # noqa: E402
-from fermata_trainer import contract  # noqa: E402
 
 GROUP, VERSION, PLURAL = contract.API_GROUP, contract.API_VERSION, contract.PLURAL
 NAMESPACE = "bench"
@@ -268,7 +269,7 @@ class NodeSimulator:
                     [
                         sys.executable,
                         "-m",
-                        "fermata_operator.local.kubelet",
+                        "fermata_dev.kubelet",
                         "--kubeconfig",
                         str(self.kubeconfig),
                         "--nodes",

@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 
-from fermata_operator.local.cluster import (
+from fermata_dev.cluster import (
     ControlPlaneError,
     LocalControlPlane,
     ensure_built,
     wait_for_service_account,
 )
-from fermata_operator.local.kubelet import DEFAULT_NODES, LocalKubelet
+from fermata_dev.kubelet import DEFAULT_NODES, LocalKubelet
 
 # -- Kubernetes control plane ---------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from fermata_operator.api import (
+from fermata_api import (
     Condition,
     CostStatus,
     Decision,

@@ -8,6 +8,7 @@ operator image's dependency closure (resolved from the installed distributions) 
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shlex
@@ -233,3 +234,39 @@ def test_operator_image_dependencies_have_no_torch(pyproject: dict[str, object])
     assert "kopf" in closure and "kubernetes" in closure
     # ...while the trainer extra does bring torch (so the check above is meaningful).
     assert "torch" in _closure("fermata", frozenset({"trainer"}))
+
+
+def _imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
+def test_images_carry_no_development_harness(
+    dockerfile: tuple[dict[str, str], dict[str, Stage]], pyproject: dict[str, object]
+) -> None:
+    """dev/ (test control plane, test kubelet, local mode, demo, synthetic data) is for the
+    checkout only: no image copies it, the product distribution does not package it, and no
+    product module imports it (the images would not start)."""
+    _, stages = dockerfile
+    for stage in stages.values():
+        for arg in stage.all("COPY"):
+            sources = [w for w in shlex.split(arg) if not w.startswith("--")][:-1]
+            assert not any(s.strip("./") == "dev" or s.startswith(("dev/", "./dev")) for s in sources), arg
+    ignored = {line.strip().strip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert "dev" in ignored, ".dockerignore must exclude dev/"
+    where = pyproject["tool"]["setuptools"]["packages"]["find"]["where"]  # type: ignore[index]
+    assert "dev" not in where and "." not in where
+    offenders = [
+        f"{path.relative_to(ROOT)} imports {name}"
+        for top in ("api", "operator", "trainer")
+        for path in sorted((ROOT / top).rglob("*.py"))
+        for name in _imported_modules(path)
+        if name == "fermata_dev" or name.startswith("fermata_dev.")
+    ]
+    assert not offenders, offenders

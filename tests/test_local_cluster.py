@@ -8,14 +8,15 @@ import textwrap
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from fermata_operator.local.cluster import LocalControlPlane
-from fermata_operator.local.kubelet import DEFAULT_NODES, SPOT_TAINT, LocalKubelet
+from fermata_dev.cluster import LocalControlPlane
+from fermata_dev.kubelet import DEFAULT_NODES, SPOT_TAINT, LocalKubelet, map_mounted_path
 
 JSON = dict[str, Any]
 SPOT_NODES = {n.name for n in DEFAULT_NODES if n.capacity_type == "spot"}
@@ -245,10 +246,14 @@ def test_pod_security_rejects_privileged_pod(kubelet: LocalKubelet, core: Any, n
 EXEC_SCRIPT = textwrap.dedent(
     """
     import os, pathlib, sys
-    root = os.environ["FERMATA_ROOT_PREFIX"]
-    text = pathlib.Path(root, "etc/fermata/greeting.txt").read_text()
+    text = pathlib.Path(os.environ["GREETING_FILE"]).read_text()
     print(f"{os.environ['GREETING']} {os.environ['POD_NAME']} {text}", flush=True)
     print("kubeconfig", os.path.exists(os.environ["KUBECONFIG"]), flush=True)
+    print("argv", pathlib.Path(sys.argv[1]).read_text(), flush=True)
+    pathlib.Path(os.environ["SCRATCH"], "note.txt").write_text("scratch-ok")
+    print("scratch", os.environ["SCRATCH"], flush=True)
+    print("cwd", os.getcwd(), flush=True)
+    print("outside", os.environ["OUTSIDE"], os.environ["LOOKALIKE"], flush=True)
     sys.exit(3)
     """
 )
@@ -263,8 +268,8 @@ def test_exec_mode_runs_the_command_and_reports_its_exit_code(
     )
     body = pod_manifest(
         "exec-3",
-        command=[sys.executable, "-c", EXEC_SCRIPT],
-        volumes=[{"name": "cfg", "configMap": {"name": "cfg"}}],
+        command=[sys.executable, "-c", EXEC_SCRIPT, "$(GREETING_FILE)"],
+        volumes=[{"name": "cfg", "configMap": {"name": "cfg"}}, {"name": "scratch", "emptyDir": {}}],
         container={
             "env": [
                 {"name": "GREETING", "value": "hello"},
@@ -272,8 +277,18 @@ def test_exec_mode_runs_the_command_and_reports_its_exit_code(
                     "name": "POD_NAME",
                     "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
                 },
+                # Paths in the pod's env that lie under a mount are rewritten to the volume...
+                {"name": "GREETING_FILE", "value": "/etc/fermata/greeting.txt"},
+                {"name": "SCRATCH", "value": "/scratch"},
+                # ...every other path is the host's, as it is.
+                {"name": "OUTSIDE", "value": "/opt/host-data/x"},
+                {"name": "LOOKALIKE", "value": "/etc/fermata-other/y"},
             ],
-            "volumeMounts": [{"name": "cfg", "mountPath": "/etc/fermata"}],
+            "volumeMounts": [
+                {"name": "cfg", "mountPath": "/etc/fermata"},
+                {"name": "scratch", "mountPath": "/scratch"},
+            ],
+            "workingDir": "/scratch/work",
         },
     )
     core.create_namespaced_pod(namespace, body)
@@ -284,6 +299,33 @@ def test_exec_mode_runs_the_command_and_reports_its_exit_code(
     logs = kubelet.logs(namespace, "exec-3")
     assert "hello exec-3 from-configmap" in logs
     assert "kubeconfig True" in logs
+    assert "argv from-configmap" in logs
+    assert "outside /opt/host-data/x /etc/fermata-other/y" in logs
+    lines = dict(line.split(" ", 1) for line in logs.splitlines() if " " in line)
+    scratch, cwd = Path(lines["scratch"]), Path(lines["cwd"])
+    assert scratch.is_relative_to(kubelet.workdir), scratch
+    assert (scratch / "note.txt").read_text() == "scratch-ok"
+    assert cwd.resolve() == (scratch / "work").resolve()
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/etc/fermata", "etc/fermata"),
+        ("/etc/fermata/trainer.json", "etc/fermata/trainer.json"),
+        ("/tmp", "tmp"),
+        ("/tmp/hf", "tmp/hf"),
+        ("/tmp//fermata/", "tmp/fermata"),
+        ("/etc/fermata-other", None),
+        ("/work/checkout/.fermata/demo/data", None),
+        ("relative/path", None),
+        ("", None),
+    ],
+)
+def test_map_mounted_path(path: str, expected: str | None) -> None:
+    rootfs = Path("/pods/p/root")
+    mapped = map_mounted_path(path, ["/etc/fermata", "/tmp/", "/dev/shm"], rootfs)
+    assert mapped == (None if expected is None else rootfs / expected)
 
 
 def test_exec_pod_acts_with_its_service_account_rbac(

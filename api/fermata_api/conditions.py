@@ -20,6 +20,7 @@ GATE_PASSED = "GatePassed"  # the latest gate's decision
 COMPLETE = "Complete"
 FAILED = "Failed"
 READY = "Ready"  # summary used by `kubectl wait` and Argo CD
+TAMPERED = "Tampered"  # operator-owned status was rewritten by someone else (restored)
 
 
 def get(conditions: list[Condition], ctype: str) -> Condition | None:

@@ -61,6 +61,13 @@ class PodStatusSummary(ApiModel):
     capacity_type: str | None = Field(default=None, description="spot or on-demand.")
     created: datetime | None = Field(default=None, description="Pod creation time.")
     started: datetime | None = Field(default=None, description="Container start time.")
+    uid: str | None = Field(
+        default=None, description="The pod's UID, recorded when first seen: only this object is ever deleted."
+    )
+    resources_hash: str | None = Field(
+        default=None,
+        description="Digest of spec.resources the pod was created from (a change restarts it from a checkpoint).",
+    )
 
 
 class CostSegment(ApiModel):
@@ -149,6 +156,17 @@ class Eta(ApiModel):
     remaining_cost_usd: float = Field(ge=0, description="Estimated spend until completion.")
 
 
+class CreationBlocked(ApiModel):
+    """The API server refused to create one of the run's objects (or a name is taken)."""
+
+    reason: str = Field(description="NameConflict, CreateFailed or NamespaceTerminating.")
+    message: str = Field(description="The API server's explanation, or which object holds the name.")
+    generation: int | None = Field(default=None, description="Spec generation it happened at.")
+    time: datetime = Field(
+        description="When it happened; creation is retried after a while or on a spec change."
+    )
+
+
 class StopIntent(ApiModel):
     """A stop the operator has decided on and is carrying out."""
 
@@ -219,6 +237,9 @@ class TrainingRunStatus(ApiModel):
         default=None, description="Evaluations seen (best loss and since when, for the plateau rule)."
     )
     eta: Eta | None = Field(default=None, description="Estimated completion time and remaining cost.")
+    creation_blocked: CreationBlocked | None = Field(
+        default=None, description="Why the run's objects could not be created (no hot retry)."
+    )
     stop: StopIntent | None = Field(default=None, description="The stop being carried out.")
     abort_report: AbortReport | None = Field(default=None, description="Summary of the abort report.")
     last_interruption: str | None = Field(default=None, description="Why the last pod was lost.")

@@ -1,14 +1,23 @@
-"""The ``fermata`` command: run the operator, print the CRDs, and the local mode.
+"""The ``fermata`` command: run the operator and print the CRDs.
 
 * ``fermata operator [-n NS ...] [--peering NAME]`` — run the operator (kopf).
 * ``fermata crds`` — print the CRD YAML.
-* ``fermata local up|down|status`` — a local control plane + fake GPU nodes + operator.
+
+Other packages add subcommands through the ``fermata.commands`` entry-point group: each entry
+point is a function called with the subparsers (``register(subparsers)``) that adds its own
+parser and sets ``func`` (``args -> exit code``). In a checkout, the development package
+(``dev/``) adds ``fermata local up|down|status`` that way; the images carry no plugin.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import entry_points
+from typing import Any
+
+#: Entry-point group of CLI plugins (see the module docstring).
+COMMANDS_GROUP = "fermata.commands"
 
 
 def _operator(args: argparse.Namespace) -> int:
@@ -35,14 +44,14 @@ def _crds(_: argparse.Namespace) -> int:
     return 0
 
 
-def _local(args: argparse.Namespace) -> int:
-    from fermata_operator.local import mode
-
-    if args.action == "up":
-        return mode.up()
-    if args.action == "down":
-        return mode.down()
-    return mode.status()
+def _add_plugins(sub: argparse._SubParsersAction[Any]) -> None:
+    """Let every ``fermata.commands`` entry point add its subcommands; a broken plugin is
+    reported and skipped, so it can never stop ``fermata operator``."""
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        try:
+            ep.load()(sub)
+        except Exception as exc:
+            print(f"fermata: skipping command plugin {ep.name} ({ep.value}): {exc}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     op.set_defaults(func=_operator)
     crds = sub.add_parser("crds", help="print the TrainingRun CRD")
     crds.set_defaults(func=_crds)
-    local = sub.add_parser("local", help="local control plane, fake GPU nodes and the operator")
-    local.add_argument("action", choices=["up", "down", "status"])
-    local.set_defaults(func=_local)
+    _add_plugins(sub)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fermata_operator.api import CapacityType, TrainingRunSpec
-from fermata_operator.settings import (
+from fermata_api import CapacityType, TrainingRunSpec, contract
+from fermata_api.meta import (
     ANNOTATION_CAPACITY,
     CAPACITY_LABELS,
     GPU_RESOURCE,
@@ -23,9 +23,8 @@ from fermata_operator.settings import (
     LABEL_RUN,
     MANAGED_BY,
     POD_FINALIZER,
-    OperatorSettings,
 )
-from fermata_trainer import contract
+from fermata_operator.settings import OperatorSettings
 
 CONFIG_KEY = "trainer.json"
 CONFIG_DIR = "/etc/fermata"
@@ -184,6 +183,7 @@ def _env(spec: TrainingRunSpec, incarnation: int, resume_from: str | None) -> li
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "HOME", "value": SCRATCH_DIR},
         {"name": "HF_HOME", "value": f"{SCRATCH_DIR}/hf"},
+        {"name": contract.ENV_WORK_DIR, "value": f"{SCRATCH_DIR}/fermata"},
     ]
     if resume_from:
         env.append({"name": contract.ENV_RESUME_FROM, "value": resume_from})

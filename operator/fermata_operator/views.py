@@ -110,10 +110,20 @@ class PodCondition:
     last_transition: datetime | None
 
 
+def controller_uid(meta: dict[str, Any]) -> str | None:
+    """The UID of the object's controlling owner (ownerReferences[controller=true])."""
+    for ref in meta.get("ownerReferences") or []:
+        if isinstance(ref, dict) and ref.get("controller"):
+            return str(ref.get("uid") or "") or None
+    return None
+
+
 @dataclass(frozen=True)
 class PodView:
     name: str
     uid: str | None
+    #: UID of the controlling owner (the TrainingRun that created it).
+    owner_uid: str | None
     incarnation: int
     phase: str
     node_name: str | None
@@ -147,6 +157,7 @@ class PodView:
         return cls(
             name=str(meta.get("name") or ""),
             uid=meta.get("uid"),
+            owner_uid=controller_uid(meta),
             incarnation=incarnation,
             phase=str(status.get("phase") or "Pending"),
             node_name=spec.get("nodeName") or None,

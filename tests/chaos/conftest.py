@@ -22,7 +22,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from fermata_operator.local.kubelet import SPOT_TAINT, LocalKubelet, NodeSpec
+from fermata_dev.kubelet import SPOT_TAINT, LocalKubelet, NodeSpec
 from tests.e2e.conftest import (  # noqa: F401  (fixtures)
     crd,
     operator,

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from fermata_operator.local.cluster import LocalControlPlane
-from fermata_operator.local.kubelet import LocalKubelet
+from fermata_dev.cluster import LocalControlPlane
+from fermata_dev.kubelet import LocalKubelet
 from tests.chaos.conftest import PodLedger, check_cost_segments
 from tests.e2e.conftest import OperatorProcess, Runs, spec, wait_for
 

@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kubernetes.client.exceptions import ApiException
 
+from fermata_dev.cluster import free_port
+from fermata_dev.kubelet import LocalKubelet
 from fermata_operator.crdgen import render
-from fermata_operator.local.cluster import free_port
-from fermata_operator.local.kubelet import LocalKubelet
 from tests.e2e.conftest import OperatorProcess, Runs
 
 pytestmark = [pytest.mark.chaos, pytest.mark.cluster]

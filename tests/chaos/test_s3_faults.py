@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from fermata_operator.local.kubelet import LocalKubelet
-from fermata_trainer.synthetic import make_mtat_tree
+from fermata_dev.kubelet import LocalKubelet
+from fermata_dev.synthetic import make_mtat_tree
 from tests.chaos.test_trainer_interruptions import trainer_spec, upload_tree
 from tests.e2e.conftest import OperatorProcess, Runs, wait_for
 from tests.s3_fixture import S3Server, s3_server  # noqa: F401  (fixture)

@@ -15,9 +15,9 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from fermata_api import contract
+from fermata_dev.cluster import LocalControlPlane
 from fermata_operator.crdgen import render
-from fermata_operator.local.cluster import LocalControlPlane
-from fermata_trainer import contract
 
 GROUP, VERSION, PLURAL = contract.API_GROUP, contract.API_VERSION, contract.PLURAL
 

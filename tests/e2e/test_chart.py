@@ -33,9 +33,9 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from fermata_dev.cluster import LocalControlPlane
+from fermata_dev.kubelet import LocalKubelet
 from fermata_operator.crdgen import render
-from fermata_operator.local.cluster import LocalControlPlane
-from fermata_operator.local.kubelet import LocalKubelet
 from tests.e2e.conftest import Runs, spec, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]

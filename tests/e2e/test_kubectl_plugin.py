@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
-from fermata_operator.local.cluster import LocalControlPlane
-from fermata_operator.local.kubelet import LocalKubelet
+from fermata_dev.cluster import LocalControlPlane
+from fermata_dev.kubelet import LocalKubelet
 from tests.e2e.conftest import OperatorProcess, Runs, spec, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,7 +94,7 @@ def test_status_report_suspend_resume_logs(
     k8s_api: Any,
     tmp_path: Path,
 ) -> None:
-    from fermata_trainer.contract import RunRef, TrainerProgress, TrainerState, TrainerStatus
+    from fermata_api import RunRef, TrainerProgress, TrainerState, TrainerStatus
     from fermata_trainer.reporter import KubernetesStatusReporter
 
     storage_dir = tmp_path / "storage"
@@ -224,7 +224,7 @@ def test_status_report_suspend_resume_logs(
 
 
 def test_cost_curve_integrates_segments() -> None:
-    from fermata_operator.kubectl_plugin import cost_curve
+    from fermata_kubectl.plugin import cost_curve
 
     status = {
         "cost": {
@@ -246,7 +246,7 @@ def test_cost_curve_integrates_segments() -> None:
 
 
 def test_status_without_status_and_condition_polarity() -> None:
-    from fermata_operator.kubectl_plugin import condition_is_ok, render_status
+    from fermata_kubectl.plugin import condition_is_ok, render_status
 
     run = {"metadata": {"name": "new", "namespace": "ml"}, "spec": {"budget": {"maxUSD": 600}}}
     text = render_status(run)

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from fermata_operator.local.kubelet import LocalKubelet
-from fermata_trainer.contract import CheckpointRef, RunRef, TrainerProgress, TrainerState, TrainerStatus
+from fermata_api import CheckpointRef, RunRef, TrainerProgress, TrainerState, TrainerStatus
+from fermata_dev.kubelet import LocalKubelet
 from fermata_trainer.reporter import KubernetesStatusReporter
 from tests.e2e.conftest import OperatorProcess, Runs, spec, wait_for
 

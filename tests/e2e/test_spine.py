@@ -9,8 +9,8 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from fermata_operator.local.cluster import LocalControlPlane
-from fermata_operator.local.kubelet import LocalKubelet
+from fermata_dev.cluster import LocalControlPlane
+from fermata_dev.kubelet import LocalKubelet
 from tests.e2e.conftest import OperatorProcess, Runs, spec, wait_for
 
 pytestmark = pytest.mark.cluster

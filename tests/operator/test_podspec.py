@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
+from fermata_api import CapacityType, TrainerConfig, TrainingRunSpec
+from fermata_api.meta import POD_FINALIZER
 from fermata_operator import podspec
-from fermata_operator.api import CapacityType, TrainingRunSpec
-from fermata_operator.settings import POD_FINALIZER, OperatorSettings
-from fermata_trainer.contract import TrainerConfig
+from fermata_operator.settings import OperatorSettings
 from tests.operator.factories import run
 
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from fermata_trainer.contract import TrainerConfig
-from fermata_trainer.synthetic import SyntheticMtat, make_mtat_tree
+from fermata_api import TrainerConfig
+from fermata_dev.synthetic import SyntheticMtat, make_mtat_tree
 from tests.s3_fixture import s3_server  # noqa: F401  (the S3 server fixture)
 from tests.trainer.helpers import tiny_config
 

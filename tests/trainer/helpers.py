@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fermata_trainer.contract import (
+from fermata_api import (
     DatasetSpec,
     EvaluationSpec,
     ModelSpec,

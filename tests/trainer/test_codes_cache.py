@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from fermata_api import DatasetSpec
+from fermata_dev.synthetic import SyntheticMtat
 from fermata_trainer.audio_io import decode_count
 from fermata_trainer.codes_cache import INDEX_NAME, CodesCache, split_into_segments
-from fermata_trainer.contract import DatasetSpec
 from fermata_trainer.dataset import AudioFetcher, prepare_dataset
 from fermata_trainer.model_loading import build_tiny_musicgen, parse_tiny
 from fermata_trainer.storage import LocalStorage
-from fermata_trainer.synthetic import SyntheticMtat
 
 pytestmark = pytest.mark.trainer
 

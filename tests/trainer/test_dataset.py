@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from fermata_api import EXIT_CONFIG_ERROR, DatasetSource, DatasetSpec
+from fermata_dev.synthetic import make_manifest, make_mtat_tree, synth_clip, write_annotations
 from fermata_trainer import cli
 from fermata_trainer.audio_io import UnreadableAudioError, decode_audio, probe_audio
-from fermata_trainer.contract import EXIT_CONFIG_ERROR, DatasetSource, DatasetSpec
 from fermata_trainer.dataset import (
     MANIFEST_KEY,
     REPORT_KEY,
@@ -27,7 +28,6 @@ from fermata_trainer.dataset import (
 )
 from fermata_trainer.prompts import TEMPLATES, prompt_from_tags
 from fermata_trainer.storage import LocalStorage, open_storage, sha256_file
-from fermata_trainer.synthetic import make_manifest, make_mtat_tree, synth_clip, write_annotations
 from tests.s3_fixture import S3Server
 from tests.trainer.helpers import tiny_config, write_config
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from fermata_trainer.contract import (
+from fermata_api import (
     API_GROUP,
     API_VERSION,
     KIND,

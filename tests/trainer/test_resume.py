@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from fermata_api import EXIT_CONFIG_ERROR, EXIT_STOPPED_WITH_CHECKPOINT, TrainerConfig
+from fermata_dev.synthetic import SyntheticMtat
 from fermata_trainer import cli
 from fermata_trainer.checkpoints import CheckpointStore
-from fermata_trainer.contract import EXIT_CONFIG_ERROR, EXIT_STOPPED_WITH_CHECKPOINT, TrainerConfig
 from fermata_trainer.storage import LocalStorage
-from fermata_trainer.synthetic import SyntheticMtat
 from tests.trainer.helpers import (
     log_events,
     run_trainer,

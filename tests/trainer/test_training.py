@@ -10,12 +10,12 @@ import pytest
 import soundfile as sf
 import torch
 
+from fermata_api import TrainerState
+from fermata_dev.synthetic import SyntheticMtat
 from fermata_trainer.audio_io import decode_count
-from fermata_trainer.contract import TrainerState
 from fermata_trainer.evaluation import reference_from_uri
 from fermata_trainer.reporter import NullReporter
 from fermata_trainer.storage import LocalStorage, Storage
-from fermata_trainer.synthetic import SyntheticMtat
 from fermata_trainer.training_loop import Trainer
 from tests.s3_fixture import S3Server
 from tests.trainer.conftest import ConfigFactory

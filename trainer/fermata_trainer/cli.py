@@ -5,7 +5,9 @@
     fermata-train tiny-config --data DIR --storage DIR
 
 ``run`` reads the config from ``--config``, else ``$FERMATA_CONFIG``, else
-``/etc/fermata/trainer.json``; outside Kubernetes (``run.name`` empty) it only logs. With
+``/etc/fermata/trainer.json``; outside Kubernetes (``run.name`` empty) it only logs. Scratch
+files go to ``$FERMATA_WORK_DIR`` (the pod's scratch volume) when set, else the config's
+``workDir``. With
 ``gpus > 1`` and that many CUDA devices it relaunches itself under ``torch.distributed.run``
 (one process per GPU) and forwards SIGTERM to the workers through a stop file, so every rank
 finishes its step and rank 0 writes the checkpoint.
@@ -29,7 +31,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from fermata_trainer.contract import (
+from fermata_api import (
     EXIT_CONFIG_ERROR,
     DatasetSource,
     DatasetSpec,
@@ -39,7 +41,6 @@ from fermata_trainer.contract import (
     StorageSpec,
     TrainerConfig,
     TrainingSpec,
-    resolve_mount_path,
 )
 from fermata_trainer.errors import TrainerConfigError
 from fermata_trainer.logging_setup import LiveStream, configure_logging, get_logger
@@ -50,15 +51,20 @@ EXIT_FAILURE = 1
 
 
 def _load_config(path_arg: str | None, env: PodEnv) -> tuple[TrainerConfig, Path]:
-    path = resolve_mount_path(path_arg) if path_arg else resolve_mount_path(env.config_path)
+    """The config and its path; the pod's scratch directory (``$FERMATA_WORK_DIR``), when set,
+    replaces ``workDir``."""
+    path = Path(path_arg or env.config_path)
     if not path.is_file():
         raise TrainerConfigError(f"config file {path} does not exist")
     try:
-        return TrainerConfig.load(path), path
+        config = TrainerConfig.load(path)
     except ValidationError as exc:
         raise TrainerConfigError(f"config file {path} is invalid:\n{exc}") from None
     except ValueError as exc:
         raise TrainerConfigError(f"config file {path} is not valid JSON: {exc}") from None
+    if env.work_dir:
+        config.work_dir = env.work_dir
+    return config, path
 
 
 def tiny_config(
@@ -111,7 +117,7 @@ def _wants_torchrun(config: TrainerConfig) -> bool:
 def _relaunch_under_torchrun(config: TrainerConfig, config_path: Path, model: str | None) -> int:
     from fermata_trainer.distributed import ENV_STOP_FILE
 
-    work_dir = resolve_mount_path(config.work_dir)
+    work_dir = Path(config.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     stop_file = work_dir / f"stop-{os.getpid()}"
     stop_file.unlink(missing_ok=True)
@@ -180,7 +186,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     env = PodEnv.from_environ()
     config, _ = _load_config(args.config, env)
     storage = open_storage(config.storage.checkpoints)
-    work_dir = resolve_mount_path(config.work_dir)
+    work_dir = Path(config.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare_dataset(config.dataset, storage, work_dir, reuse=not args.rebuild, verify_reused=True)
     report: dict[str, Any] = dict(prepared.report)

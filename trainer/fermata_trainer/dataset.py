@@ -8,7 +8,7 @@ recorded digests are verified before any file is tokenized, so a dataset changed
 caught instead of silently trained on.
 
 Problems that retrying cannot fix raise :class:`DatasetError` subclasses with readable
-messages; the CLI turns them into :data:`~fermata_trainer.contract.EXIT_CONFIG_ERROR`.
+messages; the CLI turns them into :data:`~fermata_api.contract.EXIT_CONFIG_ERROR`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fermata_api import DatasetSource, DatasetSpec
 from fermata_trainer.audio_io import UnreadableAudioError, probe_audio
-from fermata_trainer.contract import DatasetSource, DatasetSpec
 from fermata_trainer.errors import ObjectNotFoundError, TrainerConfigError
 from fermata_trainer.logging_setup import get_logger
 from fermata_trainer.prompts import prompt_from_tags

@@ -1,7 +1,7 @@
 """Exception types the trainer raises for problems that retrying will not fix.
 
 The CLI maps every :class:`TrainerConfigError` to
-:data:`~fermata_trainer.contract.EXIT_CONFIG_ERROR`, so the operator marks the run failed
+:data:`~fermata_api.contract.EXIT_CONFIG_ERROR`, so the operator marks the run failed
 instead of restarting the pod.
 """
 

@@ -28,10 +28,10 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from fermata_api import EvaluationSpec
 from fermata_trainer.audio_io import AUDIO_EXTENSIONS, UnreadableAudioError, decode_audio
 from fermata_trainer.codes_cache import CodesSplit
 from fermata_trainer.conditioning import make_attributes
-from fermata_trainer.contract import EvaluationSpec
 from fermata_trainer.errors import TrainerConfigError
 from fermata_trainer.logging_setup import get_logger
 from fermata_trainer.model_loading import LoadedModel

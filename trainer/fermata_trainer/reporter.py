@@ -3,7 +3,7 @@
 :class:`KubernetesStatusReporter` server-side-applies :meth:`TrainerStatus.apply_body` to the
 ``status`` subresource under the field manager ``fermata-trainer`` (``force=true``) and returns
 the API's answer, from which the trainer reads ``status.control`` (see
-:func:`~fermata_trainer.contract.read_control`). :class:`NullReporter` only logs, for runs
+:func:`~fermata_api.contract.read_control`). :class:`NullReporter` only logs, for runs
 outside Kubernetes. Reporting errors are logged and swallowed: the next heartbeat retries, and
 training never stops because the API server is unreachable.
 """
@@ -15,7 +15,7 @@ import json
 import os
 from typing import Any, Protocol
 
-from fermata_trainer.contract import (
+from fermata_api import (
     API_GROUP,
     API_VERSION,
     PLURAL,

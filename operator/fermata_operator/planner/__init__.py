@@ -14,6 +14,7 @@ conflict.
 from fermata_operator.planner.context import operator_status, read_status
 from fermata_operator.planner.lifecycle import plan
 from fermata_operator.planner.model import TRAINER_KEYS, Observed, Plan
+from fermata_operator.planner.pods import refused
 from fermata_operator.planner.writes import merge_patch, status_changed
 
 __all__ = [
@@ -24,5 +25,6 @@ __all__ = [
     "operator_status",
     "plan",
     "read_status",
+    "refused",
     "status_changed",
 ]

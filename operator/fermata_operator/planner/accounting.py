@@ -55,7 +55,7 @@ def account(p: Pass) -> None:
         gone = pod.deleting or p.outcomes[pod.name].ended
         closed = pod.name in result.closed_pods or bill.start is None
         if pod.has_cost_finalizer and gone and closed:
-            p.plan.release_finalizers.append(pod.name)
+            p.release_finalizer(pod.name)
     current = p.current
     for pod in p.pods:
         if pod is not current and p.active(pod):

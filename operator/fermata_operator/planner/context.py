@@ -80,7 +80,11 @@ class Pass:
             requeue=[settings.resync_seconds],
         )
         p.nodes = {n: NodeView.of(body) for n, body in obs.nodes.items()}
-        p.pods = sorted((PodView.of(x) for x in obs.pods), key=lambda v: v.incarnation)
+        # Only pods this run controls (owner reference to its UID) are billed or touched: a pod
+        # that merely carries our labels or name is somebody else's.
+        uid = meta.get("uid")
+        views = (PodView.of(x) for x in obs.pods)
+        p.pods = sorted((v for v in views if uid and v.owner_uid == uid), key=lambda v: v.incarnation)
         for pod in p.pods:
             p.outcomes[pod.name] = classify(pod, p.node_of(pod), p.node_missing(pod), p.now)
         return p
@@ -137,6 +141,16 @@ class Pass:
     def stop_pod(self, pod: str, reason: str) -> None:
         if all(name != pod for name, _ in self.plan.stop_pods):
             self.plan.stop_pods.append((pod, reason))
+            self._record_uid(pod)
+
+    def release_finalizer(self, pod: str) -> None:
+        self.plan.release_finalizers.append(pod)
+        self._record_uid(pod)
+
+    def _record_uid(self, pod: str) -> None:
+        view = next((v for v in self.pods if v.name == pod), None)
+        if view is not None and view.uid:
+            self.plan.uids[pod] = view.uid
 
     # ------------------------------------------------------------------ the end of a pass
 

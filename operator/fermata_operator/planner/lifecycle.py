@@ -49,9 +49,13 @@ def plan(obs: Observed, settings: OperatorSettings) -> Plan:
         p.spec = TrainingRunSpec.model_validate(obs.run.get("spec") or {})
     except ValidationError as exc:
         return invalid_spec(p, exc)
+    if obs.tampered:
+        tampered(p, obs.tampered)
     accounting.account(p)
     if p.st.phase in TERMINAL_PHASES:
         return stopping.settle_terminal(p)
+    if obs.namespace_terminating or obs.run["metadata"].get("deletionTimestamp"):
+        return winding_down(p)
     for guard in (deadline_guard, budget_guard):
         done = guard(p)
         if done is not None:
@@ -72,6 +76,24 @@ def invalid_spec(p: Pass, exc: ValidationError) -> Plan:
     p.st.phase = p.st.phase or Phase.pending
     p.st.message = f"invalid spec: {problems}"
     return p.finish_at(None)
+
+
+def tampered(p: Pass, fields: list[str]) -> None:
+    """Someone other than the operator rewrote its status: it was restored from the operator's
+    own last write before planning; say so loudly, and act on nothing the forgery implied."""
+    names = ", ".join(f"status.{f}" for f in fields)
+    message = f"{names} rewritten by someone other than the operator; restored from its own record"
+    p.set_condition(cond.TAMPERED, True, "StatusRewritten", message)
+    p.event("Warning", "StatusTampered", message)
+
+
+def winding_down(p: Pass) -> Plan:
+    """The run or its namespace is being deleted: nothing new starts and nothing is counted; the
+    pods go with their owner, and each one's billed span is recorded before it may go."""
+    p.st.message = "being deleted: no new pods"
+    for pod in p.active_pods():
+        p.stop_pod(pod.name, "Deleting")
+    return p.finish_at(stopping.WINDING_DOWN_POLL_SECONDS if p.pods else None)
 
 
 # ----------------------------------------------------------------------------- guards
@@ -132,9 +154,26 @@ def current_pod(p: Pass) -> Plan:
         return pods.start_next(p)
     if pod is not None:
         pods.track_current(p, pod, outcome)
+        if p.active(pod) and respec(p, pod):
+            return p.finish_at(stopping.WINDING_DOWN_POLL_SECONDS)
     if outcome.kind is not Kind.unscheduled:
         placed(p, pod)
     return HANDLERS[outcome.kind](p, pod, outcome)
+
+
+def respec(p: Pass, pod: PodView) -> bool:
+    """``spec.resources`` changed since the pod was created: restart it from a checkpoint (its
+    SIGTERM checkpoint; not an interruption) so the next pod runs with the new resources."""
+    assert p.spec is not None
+    created_from = p.st.pod.resources_hash if p.st.pod else None
+    if created_from is None or created_from == pods.resources_hash(p.spec):
+        return False
+    message = f"spec.resources changed: restarting {pod.name} from its checkpoint with the new resources"
+    p.stop_pod(pod.name, "SpecChanged")
+    p.event("Normal", "SpecChanged", message)
+    p.set_condition(cond.PROGRESSING, True, "Restarting", message)
+    p.st.message = message
+    return True
 
 
 def placed(p: Pass, pod: PodView | None) -> None:

@@ -26,6 +26,11 @@ class Observed:
     #: Prices resolved for this run before planning (overrides come from the spec).
     prices: PriceTable
     now: datetime
+    #: Operator-owned status fields someone else rewrote since our last write (the status was
+    #: restored from that write before planning).
+    tampered: list[str] = field(default_factory=list)
+    #: The run's namespace is being deleted: pods going away are not interruptions.
+    namespace_terminating: bool = False
 
 
 @dataclass
@@ -37,6 +42,8 @@ class Plan:
     create: list[dict[str, Any]] = field(default_factory=list)
     #: (pod name, stop reason)
     stop_pods: list[tuple[str, str]] = field(default_factory=list)
+    #: The UID of every pod named in stop_pods / release_finalizers: only that object is touched.
+    uids: dict[str, str] = field(default_factory=dict)
     release_finalizers: list[str] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None

@@ -2,14 +2,70 @@
 
 from __future__ import annotations
 
-from fermata_api import Phase, PodStatusSummary, TrainerControl
+import hashlib
+import json
+from datetime import datetime, timedelta
+
+from fermata_api import (
+    CreationBlocked,
+    Phase,
+    PodStatusSummary,
+    TrainerControl,
+    TrainingRunSpec,
+    TrainingRunStatus,
+)
 from fermata_api import conditions as cond
 from fermata_operator import podspec
-from fermata_operator.planner.context import Pass
+from fermata_operator.planner.context import Pass, operator_status
 from fermata_operator.planner.model import Plan
 from fermata_operator.policies import cost, prices, spot
+from fermata_operator.policies.effects import Event
 from fermata_operator.policies.pod_outcome import Outcome
 from fermata_operator.views import PodView
+
+#: After the API server refused one of the run's objects, creation is tried again only after this
+#: long (or at once on a spec change): never a hot loop.
+BLOCKED_RETRY_SECONDS = 300.0
+
+
+def resources_hash(spec: TrainingRunSpec) -> str:
+    """A digest of ``spec.resources``: the pod is restarted (from a checkpoint) when it changes."""
+    body = json.dumps(spec.resources.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def refused(plan: Plan, reason: str, message: str, generation: int | None, now: datetime) -> Plan:
+    """The plan after the API server refused to create one of its objects (or a name was taken):
+    the run says why (``Accepted=False``) and waits — for a spec change, or
+    :data:`BLOCKED_RETRY_SECONDS` — instead of retrying hot."""
+    st = TrainingRunStatus.model_validate(plan.status)
+    st.creation_blocked = CreationBlocked(reason=reason, message=message, generation=generation, time=now)
+    for ctype in (cond.ACCEPTED, cond.READY):
+        st.conditions = cond.put(st.conditions, ctype, False, reason, message, now, generation)
+    st.message, st.pod = message, None
+    events = [e for e in plan.events if e.reason != "PodCreated"] + [Event("Warning", reason, message)]
+    return Plan(
+        status=operator_status(st),
+        stop_pods=plan.stop_pods,
+        uids=plan.uids,
+        release_finalizers=plan.release_finalizers,
+        events=events,
+        requeue_after=BLOCKED_RETRY_SECONDS,
+    )
+
+
+def _blocked(p: Pass) -> Plan | None:
+    """Still blocked by an earlier refusal (same spec generation, not yet time to retry)."""
+    b = p.st.creation_blocked
+    if b is None:
+        return None
+    retry_at = b.time + timedelta(seconds=BLOCKED_RETRY_SECONDS)
+    if b.generation != p.generation or p.now >= retry_at:
+        p.st.creation_blocked = None
+        return None
+    p.accepted = (False, b.reason, b.message)
+    p.requeue.append((retry_at - p.now).total_seconds())
+    return p.finish()
 
 
 def _waiting_for_retry(p: Pass) -> Plan | None:
@@ -38,7 +94,7 @@ def start_next(p: Pass) -> Plan:
     """No current pod: wait out a backoff, or create the next incarnation."""
     assert p.spec is not None
     spec, st = p.spec, p.st
-    waiting = _waiting_for_retry(p)
+    waiting = _blocked(p) or _waiting_for_retry(p)
     if waiting is not None:
         return waiting
     remaining = cost.remaining_seconds(st.progress, spec)
@@ -58,7 +114,13 @@ def start_next(p: Pass) -> Plan:
         )
     )
     name = p.current_name
-    st.pod = PodStatusSummary(name=name, incarnation=st.incarnation, phase="Pending", created=p.now)
+    st.pod = PodStatusSummary(
+        name=name,
+        incarnation=st.incarnation,
+        phase="Pending",
+        created=p.now,
+        resources_hash=resources_hash(spec),
+    )
     st.capacity, st.retry_after = capacity.value, None
     if st.phase in (None, Phase.running):
         st.phase = Phase.pending
@@ -86,4 +148,6 @@ def track_current(p: Pass, pod: PodView, outcome: Outcome) -> None:
         capacity_type=(node.capacity_type if node else None) or (prev.capacity_type if prev else None),
         created=pod.created,
         started=outcome.started or (prev.started if prev else None),
+        uid=pod.uid or (prev.uid if prev else None),
+        resources_hash=prev.resources_hash if prev else None,
     )

@@ -6,7 +6,7 @@
 is faked: authentication is a static bearer token (group ``system:masters``), authorization is
 ``Node,RBAC``, admission includes ``PodSecurity``, and service-account tokens are signed with a
 real RSA key, so least-privilege Roles behave exactly as on a real cluster. There is no kubelet:
-pair it with :class:`fermata_operator.local.kubelet.TestKubelet`, which plays the nodes.
+pair it with :class:`fermata_dev.kubelet.LocalKubelet`, which plays the nodes.
 
 Layout of ``workdir``::
 

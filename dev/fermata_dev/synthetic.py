@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import soundfile as sf
 
-from fermata_trainer.contract import DEFAULT_PROXY_TAGS
+from fermata_api import DEFAULT_PROXY_TAGS
 
 MTAT_TAGS: list[str] = [
     "guitar",

@@ -6,7 +6,8 @@ playing four GPU nodes (:mod:`.kubelet`, in ``auto`` mode: pods go Running at on
 ``FERMATA_LOCAL_KUBELET_MODE=exec`` to run the real trainer command), the CRD, and the operator
 (``fermata operator``) as a child process. It writes the admin kubeconfig to
 ``.fermata/local/kubeconfig`` and prints it. ``fermata local down`` stops the supervisor, which
-stops all of its children: no process is left behind.
+stops all of its children: no process is left behind. The ``fermata`` command reaches this
+module through the plugin in :mod:`fermata_dev.commands`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from fermata_dev.cluster import LocalControlPlane, ensure_built, repo_root
 from fermata_operator.crdgen import render as render_crd
-from fermata_operator.local.cluster import LocalControlPlane, ensure_built, repo_root
 
 STATE_DIR_ENV = "FERMATA_LOCAL_DIR"
 
@@ -66,7 +67,7 @@ def up(timeout: float = 600.0) -> int:
     _ready_file().unlink(missing_ok=True)
     log = (d / "supervisor.log").open("ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fermata_operator.local.mode", "serve"],
+        [sys.executable, "-m", "fermata_dev.local_mode", "serve"],
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -125,7 +126,7 @@ def status() -> int:
 
 def serve() -> int:
     """The supervisor: run everything until SIGTERM."""
-    from fermata_operator.local.kubelet import DEFAULT_NODES, LocalKubelet
+    from fermata_dev.kubelet import DEFAULT_NODES, LocalKubelet
 
     d = state_dir()
     stopping = False

@@ -1,4 +1,4 @@
-"""A test kubelet: plays GPU nodes for a :class:`~fermata_operator.local.cluster.LocalControlPlane`.
+"""A test kubelet: plays GPU nodes for a :class:`~fermata_dev.cluster.LocalControlPlane`.
 
 There is no container runtime. :class:`LocalKubelet` registers Node objects (labels, taints and
 ``nvidia.com/gpu`` capacity of real EKS/Karpenter GPU nodes), keeps them Ready (node status
@@ -20,17 +20,25 @@ The mode is set per kubelet; the pod annotation ``kubelet.fermata.dev/mode`` ove
 
 Exec mode contract (what the program sees)
 ------------------------------------------
-* **File system rule.** Every pod gets a private root directory ``R``
-  (``<workdir>/pods/<ns>_<name>_<uid8>/root``). The environment variable
-  ``FERMATA_ROOT_PREFIX=R`` is set, and each ``volumeMount`` with ``mountPath: /p`` is
-  materialised at ``R/p`` (a symlink to the volume's directory, or to ``subPath`` inside it).
-  A program finds its mounted file ``/etc/fermata/config.yaml`` at
-  ``$FERMATA_ROOT_PREFIX/etc/fermata/config.yaml``. ``workingDir`` is mapped the same way; the
-  default working directory is ``R``. Volumes: ``configMap``, ``secret``, ``downwardAPI``,
-  ``projected`` (including ``serviceAccountToken``), ``emptyDir`` (a fresh directory),
-  ``persistentVolumeClaim`` (``<workdir>/pvcs/<ns>/<claim>``, kept across pods so checkpoints
-  survive a pod being replaced) and ``hostPath`` (the real host path). A missing non-optional
-  ConfigMap/Secret keeps the pod Pending and is retried, as a kubelet does.
+* **File system rule.** The program runs on the host's file system; only the pod's volumes
+  move. Every pod gets a private root directory ``R``
+  (``<workdir>/pods/<ns>_<name>_<uid8>/root``), and each ``volumeMount`` with ``mountPath: /p``
+  is materialised at ``R/p`` (a symlink to the volume's directory, or to ``subPath`` inside it).
+  The kubelet rewrites the pod's own environment values (``env`` and ``envFrom``; not the host
+  variables passed through) that are absolute paths at or below a ``mountPath``: with
+  ``/etc/fermata`` and ``/tmp`` mounted, ``FERMATA_CONFIG=/etc/fermata/trainer.json`` becomes
+  ``R/etc/fermata/trainer.json`` and ``HOME=/tmp`` becomes ``R/tmp`` (the emptyDir).
+  ``$(VAR)`` in ``command``/``args`` expands to the rewritten values; literal arguments are left
+  alone. ``workingDir`` is mapped the same way (one outside every mount is used as it is when
+  the host has it, else created below ``R``); the default working directory is ``R``. Every
+  other path (an argument, a path inside a mounted file, an environment value outside every
+  mount such as a dataset under the checkout) is the host's, as if the image's file system were
+  the host's. The program needs to know nothing of this: the remapping is harness logic.
+  Volumes: ``configMap``, ``secret``, ``downwardAPI``, ``projected`` (including
+  ``serviceAccountToken``), ``emptyDir`` (a fresh directory), ``persistentVolumeClaim``
+  (``<workdir>/pvcs/<ns>/<claim>``, kept across pods so checkpoints survive a pod being
+  replaced) and ``hostPath`` (the real host path). A missing non-optional ConfigMap/Secret
+  keeps the pod Pending and is retried, as a kubelet does.
 * **Environment.** ``env`` (``value`` and ``valueFrom`` ``fieldRef`` / ``configMapKeyRef`` /
   ``secretKeyRef``; ``resourceFieldRef`` gives the quantity as written) and ``envFrom``, on top
   of a small host environment (``PATH``, ``HOME``, ``LANG``, ... see ``passthrough_env``) and
@@ -50,7 +58,7 @@ with exit code 143, never-started ones with 137/``ContainerStatusUnknown``. Pods
 removed with :meth:`LocalKubelet.delete_node` are failed with ``DisruptionTarget``
 (``DeletionByPodGC``) and deleted, as the pod garbage collector does.
 
-Run standalone with ``python -m fermata_operator.local.kubelet --kubeconfig K [--nodes N.yaml]``.
+Run standalone with ``python -m fermata_dev.kubelet --kubeconfig K [--nodes N.yaml]``.
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ import contextlib
 import hashlib
 import json
 import os
+import posixpath
 import queue
 import re
 import shutil
@@ -69,7 +78,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -81,12 +90,11 @@ import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-log = structlog.get_logger("fermata.local.kubelet")
+log = structlog.get_logger("fermata_dev.kubelet")
 
 Mode = Literal["auto", "manual", "exec"]
 MODES: tuple[Mode, ...] = ("auto", "manual", "exec")
 MODE_ANNOTATION = "kubelet.fermata.dev/mode"
-ROOT_PREFIX_ENV = "FERMATA_ROOT_PREFIX"
 NODE_LEASE_NAMESPACE = "kube-node-lease"
 NODE_IP = "127.0.0.1"
 POD_IP = "127.0.0.1"
@@ -245,6 +253,19 @@ def expand(text: str, env: Mapping[str, str]) -> str:
         return env.get(name, match.group(0))
 
     return _VAR_REF.sub(repl, text)
+
+
+def map_mounted_path(path: str, mount_paths: Iterable[str], rootfs: Path) -> Path | None:
+    """Where the in-pod absolute ``path`` is on the host if it lies at or below one of
+    ``mount_paths`` (its place under the pod root ``rootfs``); ``None`` if it is under none."""
+    if not path.startswith("/"):
+        return None
+    normalized = posixpath.normpath(path)
+    for mount_path in mount_paths:
+        mount = posixpath.normpath(mount_path).rstrip("/")
+        if normalized == mount or normalized.startswith(mount + "/"):
+            return rootfs / normalized.lstrip("/")
+    return None
 
 
 def _exit_code(returncode: int) -> int:
@@ -1081,12 +1102,20 @@ class LocalKubelet:
         rootfs.mkdir(parents=True, exist_ok=True)
 
         # May raise _NotReady (missing ConfigMap/Secret): the pod stays Pending and is retried.
-        env = self._container_env(pod, container)
+        env, declared = self._container_env(pod, container)
         volumes = self._materialize_volumes(pod, root / "volumes")
         self._mount(container, volumes, rootfs)
         kubeconfig = self._pod_kubeconfig(pod, root / "kubeconfig")
 
-        env.update({ROOT_PREFIX_ENV: str(rootfs), "KUBECONFIG": str(kubeconfig), "HOSTNAME": name})
+        # The pod's own path values under a mount point at the materialised volumes.
+        mount_paths = [
+            str(m["mountPath"]) for m in container.get("volumeMounts") or [] if m["name"] in volumes
+        ]
+        for key in declared:
+            mapped = map_mounted_path(env[key], mount_paths, rootfs)
+            if mapped is not None:
+                env[key] = str(mapped)
+        env.update({"KUBECONFIG": str(kubeconfig), "HOSTNAME": name})
         argv = [expand(part, env) for part in [*container.get("command", []), *container.get("args", [])]]
         started_at = _now()
         log_path = root / "container.log"
@@ -1106,8 +1135,7 @@ class LocalKubelet:
             )
             return
         argv[0] = executable
-        workdir = container.get("workingDir")
-        cwd = rootfs / workdir.lstrip("/") if workdir else rootfs
+        cwd = self._working_dir(container.get("workingDir"), mount_paths, rootfs)
         cwd.mkdir(parents=True, exist_ok=True)
         rt.log_file = log_path.open("ab")
         try:
@@ -1132,6 +1160,19 @@ class LocalKubelet:
         self._patch_status(pod, self._running_status(pod, started_at))
         waiter = threading.Thread(target=self._wait_process, args=(rt, pod), daemon=True)
         waiter.start()
+
+    @staticmethod
+    def _working_dir(workdir: str | None, mount_paths: Sequence[str], rootfs: Path) -> Path:
+        """``workingDir`` on the host: under a mount, the volume; else the host's directory if
+        there is one, else a directory below the pod root (an image's own directory)."""
+        if not workdir:
+            return rootfs
+        mapped = map_mounted_path(workdir, mount_paths, rootfs)
+        if mapped is not None:
+            return mapped
+        if Path(workdir).is_dir():
+            return Path(workdir)
+        return rootfs / workdir.lstrip("/")
 
     def _resolve(self, command: Sequence[str]) -> str | None:
         if not command:
@@ -1221,10 +1262,17 @@ class LocalKubelet:
             return "\n".join(f'{k}="{v}"' for k, v in sorted(items.items()))
         return str(values.get(path) or "")
 
-    def _container_env(self, pod: JSON, container: JSON) -> dict[str, str]:
+    def _container_env(self, pod: JSON, container: JSON) -> tuple[dict[str, str], set[str]]:
+        """The process environment, and the names the pod itself set (``envFrom`` and ``env``)."""
         namespace = pod["metadata"]["namespace"]
         env = {k: os.environ[k] for k in self.passthrough_env if k in os.environ}
         env.update(self.extra_env)
+        declared: set[str] = set()
+
+        def put(name: str, value: str) -> None:
+            env[name] = value
+            declared.add(name)
+
         for source in container.get("envFrom") or []:
             prefix = source.get("prefix", "")
             data: dict[str, bytes] | None = None
@@ -1233,31 +1281,31 @@ class LocalKubelet:
             elif ref := source.get("secretRef"):
                 data = self._read_secret(namespace, ref["name"], bool(ref.get("optional")))
             for key, value in (data or {}).items():
-                env[prefix + key] = value.decode(errors="replace")
+                put(prefix + key, value.decode(errors="replace"))
         for var in container.get("env") or []:
             name = var["name"]
             value_from = var.get("valueFrom")
             if value_from is None:
-                env[name] = expand(var.get("value", ""), env)
+                put(name, expand(var.get("value", ""), env))
             elif ref := value_from.get("fieldRef"):
-                env[name] = self._field_value(pod, ref.get("fieldPath", ""))
+                put(name, self._field_value(pod, ref.get("fieldPath", "")))
             elif ref := value_from.get("configMapKeyRef"):
                 cm = self._read_configmap(namespace, ref["name"], bool(ref.get("optional")))
                 if cm is not None and ref["key"] in cm:
-                    env[name] = cm[ref["key"]].decode(errors="replace")
+                    put(name, cm[ref["key"]].decode(errors="replace"))
                 elif not ref.get("optional"):
                     raise _NotReady(f'key {ref["key"]} not in configmap "{ref["name"]}"')
             elif ref := value_from.get("secretKeyRef"):
                 secret = self._read_secret(namespace, ref["name"], bool(ref.get("optional")))
                 if secret is not None and ref["key"] in secret:
-                    env[name] = secret[ref["key"]].decode(errors="replace")
+                    put(name, secret[ref["key"]].decode(errors="replace"))
                 elif not ref.get("optional"):
                     raise _NotReady(f'key {ref["key"]} not in secret "{ref["name"]}"')
             elif ref := value_from.get("resourceFieldRef"):
                 resources = container.get("resources") or {}
                 kind, _, resource = str(ref.get("resource", "")).partition(".")
-                env[name] = str((resources.get(kind) or {}).get(resource, "0"))
-        return env
+                put(name, str((resources.get(kind) or {}).get(resource, "0")))
+        return env, declared
 
     @staticmethod
     def _write_items(target: Path, data: Mapping[str, bytes], items: Sequence[JSON] | None) -> None:
@@ -1414,7 +1462,7 @@ class LocalKubelet:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m fermata_operator.local.kubelet",
+        prog="python -m fermata_dev.kubelet",
         description="Play GPU nodes (no container runtime) against a Kubernetes API server.",
     )
     parser.add_argument("--kubeconfig", type=Path, required=True)

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import yaml
 
-from fermata_operator.local import mode
+from fermata_dev import local_mode
 
 
 def _kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    from fermata_operator.local.cluster import find_testcluster_binary
+    from fermata_dev.cluster import find_testcluster_binary
 
     return subprocess.run(
         [str(find_testcluster_binary()), "kubectl", *args],
@@ -75,20 +75,20 @@ def demo_run(data: Path, storage: Path) -> dict[str, object]:
 
 
 def main(timeout: float = 900.0) -> int:
-    from fermata_trainer.synthetic import make_mtat_tree
+    from fermata_dev.synthetic import make_mtat_tree
 
-    root = mode.state_dir().parent / "demo"
+    root = local_mode.state_dir().parent / "demo"
     shutil.rmtree(root, ignore_errors=True)
-    if mode.status_quiet() is None:
-        shutil.rmtree(mode.state_dir(), ignore_errors=True)  # a fresh cluster for the demo
+    if local_mode.status_quiet() is None:
+        shutil.rmtree(local_mode.state_dir(), ignore_errors=True)  # a fresh cluster for the demo
     data, storage = root / "magnatagatune", root / "storage"
     make_mtat_tree(data, clips=16, seconds=(2.5, 3.0, 2.2, 3.5))
     storage.mkdir(parents=True)
     os.environ["FERMATA_LOCAL_KUBELET_MODE"] = "exec"
     os.environ.setdefault("FERMATA_TRAINER_HEARTBEAT_SECONDS", "2")
-    if mode.up() != 0:
+    if local_mode.up() != 0:
         return 1
-    kubeconfig = mode.state_dir() / "kubeconfig"
+    kubeconfig = local_mode.state_dir() / "kubeconfig"
     try:
         _kubectl(kubeconfig, "create", "namespace", "ml")
         _kubectl(kubeconfig, "label", "namespace", "ml", "pod-security.kubernetes.io/enforce=restricted")
@@ -126,7 +126,7 @@ def main(timeout: float = 900.0) -> int:
         print(f"checkpoints and samples: {storage}", flush=True)
         return 0 if phase == "Succeeded" else 1
     finally:
-        mode.down()
+        local_mode.down()
 
 
 if __name__ == "__main__":
