@@ -78,7 +78,15 @@ class PodEnv(ApiModel):
     config_path: str = CONFIG_PATH
     pod_name: str | None = None
     node_name: str | None = None
+    #: Manifest URI of the checkpoint to resume from (``status.lastCheckpoint.uri``, or the
+    #: user's ``spec.resumeFrom`` when :attr:`resume_explicit`).
     resume_from: str | None = None
+    #: ``sha256:<hex>`` the manifest at :attr:`resume_from` must have
+    #: (``status.lastCheckpoint.digest``); unset: not compared.
+    resume_digest: str | None = None
+    #: :attr:`resume_from` is another run's checkpoint the user chose (``spec.resumeFrom``): the
+    #: trainer accepts a manifest recorded by another run (its objects are still verified).
+    resume_explicit: bool = False
     incarnation: int = 0
     #: Scratch directory of this pod; the trainer prefers it to ``TrainerConfig.work_dir``.
     work_dir: str | None = None
@@ -91,6 +99,8 @@ class PodEnv(ApiModel):
             pod_name=env.get(ENV_POD_NAME) or None,
             node_name=env.get(ENV_NODE_NAME) or None,
             resume_from=env.get(ENV_RESUME_FROM) or None,
+            resume_digest=env.get(ENV_RESUME_DIGEST) or None,
+            resume_explicit=env.get(ENV_RESUME_EXPLICIT, "").strip().lower() in _TRUE,
             incarnation=int(env.get(ENV_INCARNATION, "0") or 0),
             work_dir=env.get(ENV_WORK_DIR) or None,
         )
@@ -100,8 +110,12 @@ ENV_CONFIG = "FERMATA_CONFIG"
 ENV_POD_NAME = "FERMATA_POD_NAME"
 ENV_NODE_NAME = "FERMATA_NODE_NAME"
 ENV_RESUME_FROM = "FERMATA_RESUME_FROM"
+ENV_RESUME_DIGEST = "FERMATA_RESUME_DIGEST"
+ENV_RESUME_EXPLICIT = "FERMATA_RESUME_EXPLICIT"
 ENV_INCARNATION = "FERMATA_INCARNATION"
 ENV_WORK_DIR = "FERMATA_WORK_DIR"
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
 
 
 # ----------------------------------------------------------------------------- what comes back

@@ -46,6 +46,8 @@ _LABEL_CHARS = "at most 63 letters, digits, '-', '_' or '.', starting and ending
 _LABEL_KEY_MESSAGE = (
     "an optional DNS subdomain prefix (at most 253 characters) and '/', then a name of " + _LABEL_CHARS
 )
+#: ``spec.resumeFrom``: a checkpoint manifest, as ``status.lastCheckpoint.uri`` names one.
+RESUME_FROM_PATTERN = "^[^ ]+/checkpoints/step-[0-9]{9}/manifest[.]json$"
 #: A label key's prefix is a DNS subdomain: at most 253 characters before the '/'.
 _PREFIX_LENGTH = "indexOf('/') <= 253"
 
@@ -611,6 +613,12 @@ class TrainingRunSpec(ApiModel):
             "model.base is immutable: start a new run to change the base model",
             ".model.base",
         ),
+        (
+            "has(self.resumeFrom) == has(oldSelf.resumeFrom) && "
+            "(!has(self.resumeFrom) || self.resumeFrom == oldSelf.resumeFrom)",
+            "resumeFrom is immutable: start a new run to start from another checkpoint",
+            ".resumeFrom",
+        ),
     )
 
     model: ModelSpec = Field(default_factory=ModelSpec, description="Base model to fine-tune.")
@@ -641,6 +649,20 @@ class TrainingRunSpec(ApiModel):
         ),
     )
     storage: StorageSpec = Field(description="Checkpoint storage and credentials.")
+    resume_from: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=RESUME_FROM_PATTERN,
+        json_schema_extra=pattern_rule(
+            "resumeFrom must be the URI of a checkpoint manifest: "
+            "<storage.checkpoints of that run>/checkpoints/step-<9 digits>/manifest.json"
+        ),
+        description=(
+            "Optional: the manifest URI (…/checkpoints/step-…/manifest.json) of another run's "
+            "checkpoint to start from; the run's own checkpoints always take precedence once it "
+            "has one."
+        ),
+    )
     suspend: bool = Field(
         default=False,
         description="true: checkpoint, release the GPU and wait; false again resumes.",

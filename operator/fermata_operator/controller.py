@@ -7,6 +7,7 @@ repeat is a 409), then the status is written, then pods are stopped and finalize
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -19,12 +20,12 @@ import structlog
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from fermata_api import contract
+from fermata_api import TERMINAL_PHASES, contract
 from fermata_api.meta import ANNOTATION_STOP_REASON, OPERATOR_FIELD_MANAGER, POD_FINALIZER
 from fermata_operator import metrics, planner
 from fermata_operator.price_source import PriceSource
 from fermata_operator.settings import OperatorSettings
-from fermata_operator.views import NodeView
+from fermata_operator.views import NodeView, controller_uid
 
 log = structlog.get_logger("fermata.controller")
 
@@ -40,6 +41,27 @@ def _rv(obj: dict[str, Any] | None) -> int:
         return int(((obj or {}).get("metadata") or {}).get("resourceVersion") or 0)
     except ValueError:
         return 0
+
+
+class CreateRefused(Exception):
+    """The API server refused one of the run's objects, or its name is held by something else."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def api_message(exc: ApiException) -> str:
+    """The API server's own explanation of a refused request (its Status ``message``)."""
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason or "")[:600]
+    except (ValueError, AttributeError, TypeError):
+        return str(exc.body or exc.reason or "")[:600]
+
+
+def _operator_part(status: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (status or {}).items() if k not in planner.TRAINER_KEYS}
 
 
 def _instance_types(run: dict[str, Any], nodes: dict[str, dict[str, Any]]) -> set[str]:
@@ -94,6 +116,25 @@ class RunController:
             and _rv(run) > 0
         )
 
+    def restore(self, run: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """``run`` with its operator-owned status restored from our own last write, if someone
+        else rewrote it since (only the operator writes those fields; the API server's policy
+        refuses anyone else where the chart's admission policies are installed). Returns the run
+        to plan from and the fields that had been rewritten."""
+        meta = run["metadata"]
+        with self._lock:
+            mine = self._written.get((meta["namespace"], meta["name"]))
+        if mine is None or mine["metadata"].get("uid") != meta.get("uid") or _rv(run) <= _rv(mine):
+            return run, []
+        ours, theirs = _operator_part(mine.get("status")), _operator_part(run.get("status"))
+        changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        if not changed:
+            return run, []
+        metrics.TAMPERING.labels(namespace=meta["namespace"]).inc()
+        log.warning("status tampered", namespace=meta["namespace"], run=meta["name"], fields=changed)
+        trainer = {k: v for k, v in (run.get("status") or {}).items() if k in planner.TRAINER_KEYS}
+        return {**run, "status": {**ours, **trainer}}, changed
+
     def forget(self, namespace: str, name: str) -> None:
         with self._lock:
             self._written.pop((namespace, name), None)
@@ -109,7 +150,8 @@ class RunController:
         expected = (status.get("pod") or {}).get("name")
         names = {p["metadata"]["name"] for p in pods}
         pods = list(pods)
-        if expected and expected not in names:
+        terminal = status.get("phase") in {p.value for p in TERMINAL_PHASES}
+        if expected and expected not in names and not terminal:
             # The watch cache may lag our own create: ask the API before believing it is gone.
             try:
                 pod = self.api.sanitize_for_serialization(self.core.read_namespaced_pod(expected, ns))
@@ -135,7 +177,26 @@ class RunController:
             missing_nodes=missing,
             prices=self.prices.snapshot(_instance_types(run, nodes)),
             now=datetime.now(UTC),
+            namespace_terminating=self._namespace_terminating(ns, pods),
         )
+
+    def _namespace_terminating(self, ns: str, pods: list[dict[str, Any]]) -> bool:
+        """Asked only when a pod is being deleted by someone else (else it cannot matter): a
+        namespace being deleted takes its pods with it, and that is no spot interruption."""
+        foreign = [
+            p
+            for p in pods
+            if (p.get("metadata") or {}).get("deletionTimestamp")
+            and ANNOTATION_STOP_REASON not in ((p.get("metadata") or {}).get("annotations") or {})
+        ]
+        if not foreign:
+            return False
+        try:
+            namespace = self.core.read_namespace(ns)
+        except ApiException as exc:
+            return bool(exc.status == 404)  # no right to look (403): count as usual
+        phase = str(getattr(namespace.status, "phase", "") or "")
+        return bool(namespace.metadata.deletion_timestamp is not None or phase == "Terminating")
 
     # ------------------------------------------------------------------ acting
 
@@ -147,10 +208,11 @@ class RunController:
     ) -> float | None:
         """One reconcile of one run; returns seconds until it wants to run again."""
         started = time.monotonic()
-        run = self.freshest(run)
+        run, tampered = self.restore(self.freshest(run))
         ns, name = run["metadata"]["namespace"], run["metadata"]["name"]
         try:
             obs = self.observe(run, pods, nodes)
+            obs.tampered = tampered
             plan = planner.plan(obs, self.settings)
             self.execute(run, plan, obs.now)
             metrics.observe_run(run, plan.status)
@@ -164,8 +226,16 @@ class RunController:
 
     def execute(self, run: dict[str, Any], plan: planner.Plan, now: datetime) -> None:
         ns, name = run["metadata"]["namespace"], run["metadata"]["name"]
-        self.create_all(plan.create)
-        old = {k: v for k, v in (run.get("status") or {}).items() if k not in planner.TRAINER_KEYS}
+        try:
+            self.create_all(plan.create, run["metadata"].get("uid"))
+        except CreateRefused as refused:
+            log.warning(
+                "create refused", namespace=ns, run=name, reason=refused.reason, message=refused.message
+            )
+            plan = planner.refused(
+                plan, refused.reason, refused.message, run["metadata"].get("generation"), now
+            )
+        old = _operator_part(run.get("status"))
         if planner.status_changed(old, plan.status, self.settings.cost_write_seconds, now):
             body = planner.merge_patch(old, plan.status)
             written = self.custom.patch_namespaced_custom_object_status(
@@ -180,72 +250,101 @@ class RunController:
             with self._lock:
                 self._written[(ns, name)] = written
         for pod_name, reason in plan.stop_pods:
-            self.stop_pod(ns, pod_name, reason)
+            self.stop_pod(ns, pod_name, reason, plan.uids.get(pod_name))
         for pod_name in plan.release_finalizers:
-            self.release_finalizer(ns, pod_name)
+            self.release_finalizer(ns, pod_name, plan.uids.get(pod_name))
         for ev in plan.events:
             self.post_event(run, ev.type, ev.reason, ev.message)
 
-    def create_all(self, objs: list[dict[str, Any]]) -> None:
+    def create_all(self, objs: list[dict[str, Any]], owner_uid: str | None) -> None:
         """The pod's supporting objects at once (they do not depend on each other), then the pod,
         which needs them: a pod exists only once everything it uses does."""
         support = [o for o in objs if o["kind"] != "Pod"]
-        if len(support) > 1:
-            for future in [self._creators.submit(self.ensure, o) for o in support]:
-                future.result()  # re-raises the first failure (the others still complete)
-        else:
-            for obj in support:
-                self.ensure(obj)
+        futures = [self._creators.submit(self.ensure, o, owner_uid) for o in support]
+        for future in futures:
+            future.result()  # re-raises the first failure (the others still complete)
         for obj in objs:
             if obj["kind"] == "Pod":
-                self.ensure(obj)
+                self.ensure(obj, owner_uid)
 
-    def ensure(self, obj: dict[str, Any]) -> None:
-        kind = obj["kind"]
-        ns = obj["metadata"]["namespace"]
+    def _create(self, obj: dict[str, Any]) -> None:
+        kind, ns = obj["kind"], obj["metadata"]["namespace"]
         # The answers are not needed: skip deserialising them into client models.
         opts: dict[str, Any] = {"field_manager": OPERATOR_FIELD_MANAGER, "_preload_content": False}
-        try:
-            if kind == "Pod":
-                _discard(self.core.create_namespaced_pod(ns, obj, **opts))
-                log.info("pod created", namespace=ns, pod=obj["metadata"]["name"])
-            elif kind == "ConfigMap":
-                _discard(self.core.create_namespaced_config_map(ns, obj, **opts))
-            elif kind == "ServiceAccount":
-                _discard(self.core.create_namespaced_service_account(ns, obj, **opts))
-            elif kind == "Role":
-                _discard(self.rbac.create_namespaced_role(ns, obj, **opts))
-            elif kind == "RoleBinding":
-                _discard(self.rbac.create_namespaced_role_binding(ns, obj, **opts))
-            else:  # pragma: no cover - programming error
-                raise ValueError(f"cannot create {kind}")
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-            if kind == "ConfigMap":
-                # The spec may have changed: the next pod reads the new configuration.
-                _discard(
-                    self.core.patch_namespaced_config_map(
-                        obj["metadata"]["name"], ns, {"data": obj["data"]}, **opts
-                    )
-                )
+        create = {
+            "Pod": self.core.create_namespaced_pod,
+            "ConfigMap": self.core.create_namespaced_config_map,
+            "ServiceAccount": self.core.create_namespaced_service_account,
+            "Role": self.rbac.create_namespaced_role,
+            "RoleBinding": self.rbac.create_namespaced_role_binding,
+        }[kind]
+        _discard(create(ns, obj, **opts))
+        if kind == "Pod":
+            log.info("pod created", namespace=ns, pod=obj["metadata"]["name"])
 
-    def stop_pod(self, ns: str, pod_name: str, reason: str) -> None:
-        """Mark the pod as stopped on purpose, then delete it (SIGTERM → trainer checkpoints)."""
+    def _existing_owner(self, obj: dict[str, Any]) -> str | None:
+        kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+        read = {
+            "Pod": self.core.read_namespaced_pod,
+            "ConfigMap": self.core.read_namespaced_config_map,
+            "ServiceAccount": self.core.read_namespaced_service_account,
+            "Role": self.rbac.read_namespaced_role,
+            "RoleBinding": self.rbac.read_namespaced_role_binding,
+        }[kind]
+        existing = self.api.sanitize_for_serialization(read(name, ns))
+        return controller_uid(existing.get("metadata") or {})
+
+    def ensure(self, obj: dict[str, Any], owner_uid: str | None) -> None:
+        """Create ``obj``; an object of that name is accepted only if this run controls it —
+        anything else holding the name is never adopted (``NameConflict``)."""
+        kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+        try:
+            self._create(obj)
+            return
+        except ApiException as exc:
+            if exc.status == 409:
+                pass
+            elif exc.status == 403 and "being terminated" in api_message(exc):
+                raise CreateRefused("NamespaceTerminating", api_message(exc)) from exc
+            elif exc.status in (400, 403, 413, 422):
+                raise CreateRefused("CreateFailed", f"creating {kind} {name}: {api_message(exc)}") from exc
+            else:
+                raise
+        if owner_uid is None or self._existing_owner(obj) != owner_uid:
+            raise CreateRefused(
+                "NameConflict",
+                f"{kind} {ns}/{name} already exists and is not owned by this TrainingRun: "
+                f"Fermata never adopts it; delete or rename it (or rename the run)",
+            )
+        if kind == "ConfigMap":
+            # Ours, from an earlier pod: the spec may have changed, the next pod reads the new one.
+            opts: dict[str, Any] = {"field_manager": OPERATOR_FIELD_MANAGER, "_preload_content": False}
+            _discard(self.core.patch_namespaced_config_map(name, ns, {"data": obj["data"]}, **opts))
+
+    def stop_pod(self, ns: str, pod_name: str, reason: str, uid: str | None) -> None:
+        """Mark the pod as stopped on purpose, then delete it (SIGTERM → trainer checkpoints).
+
+        Only the very object the planner saw is touched: the patch carries its UID (a different
+        one is refused as immutable) and the delete a UID precondition."""
+        if not uid:
+            log.warning("pod not stopped: its UID is unknown", namespace=ns, pod=pod_name)
+            return
         try:
             self.core.patch_namespaced_pod(
                 pod_name,
                 ns,
-                {"metadata": {"annotations": {ANNOTATION_STOP_REASON: reason}}},
+                {"metadata": {"uid": uid, "annotations": {ANNOTATION_STOP_REASON: reason}}},
                 field_manager=OPERATOR_FIELD_MANAGER,
             )
-            self.core.delete_namespaced_pod(pod_name, ns)
+            self.core.delete_namespaced_pod(
+                pod_name, ns, body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid))
+            )
             log.info("pod stopped", namespace=ns, pod=pod_name, reason=reason)
         except ApiException as exc:
-            if exc.status != 404:
+            if exc.status not in (404, 409, 422):  # gone, or not that pod any more
                 raise
 
-    def release_finalizer(self, ns: str, pod_name: str) -> None:
+    def release_finalizer(self, ns: str, pod_name: str, uid: str | None = None) -> None:
         for _ in range(5):
             try:
                 pod = self.core.read_namespaced_pod(pod_name, ns)
@@ -253,6 +352,8 @@ class RunController:
                 if exc.status == 404:
                     return
                 raise
+            if uid is not None and pod.metadata.uid != uid:
+                return  # another pod of that name: not the one whose span was recorded
             fins = list(pod.metadata.finalizers or [])
             if POD_FINALIZER not in fins:
                 return

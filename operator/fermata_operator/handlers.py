@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -23,12 +22,13 @@ from typing import Any
 
 import kopf
 import structlog
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from fermata_api import contract
 from fermata_api.meta import LABEL_RUN, POD_FINALIZER
 from fermata_operator import metrics
-from fermata_operator.controller import RunController
+from fermata_operator.controller import RunController, api_message
 from fermata_operator.kube import api_client
 from fermata_operator.price_source import PriceSource
 from fermata_operator.settings import OperatorSettings
@@ -133,14 +133,6 @@ def nodes_by_name(*, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return {name: dict(body)}
 
 
-def _api_message(exc: ApiException) -> str:
-    """The API server's own explanation of a refused request (its Status ``message``)."""
-    try:
-        return str(json.loads(exc.body or "{}").get("message") or exc.body or "")[:500]
-    except (ValueError, AttributeError):
-        return str(exc.body or "")[:500]
-
-
 def _nodes_of(pods: list[dict[str, Any]], index: kopf.Index[Any, Any]) -> dict[str, dict[str, Any]]:
     """The cached Node objects the pods are placed on (not every node of the cluster)."""
     nodes: dict[str, dict[str, Any]] = {}
@@ -238,7 +230,18 @@ async def run_loop(
                     run=name,
                     status=exc.status,
                     reason=exc.reason,
-                    message=_api_message(exc),
+                    message=api_message(exc),
+                    retry_in=delay,
+                )
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                # The API server is unreachable (restarting, network): one line, then retry.
+                failures += 1
+                delay = min(60.0, 2.0**failures)
+                log.warning(
+                    "api server unreachable",
+                    namespace=namespace,
+                    run=name,
+                    error=str(exc)[:200],
                     retry_in=delay,
                 )
             except Exception:
@@ -247,11 +250,12 @@ async def run_loop(
                 log.exception("reconcile crashed", namespace=namespace, run=name, retry_in=delay)
             finally:
                 gate.release()
-            wait = ctl.settings.resync_seconds if delay is None else min(delay, ctl.settings.resync_seconds)
+            # None: nothing is due (a terminal run, an invalid spec): wait for a change, no polling.
+            wait = None if delay is None else max(0.05, min(delay, ctl.settings.resync_seconds))
             waiters = {asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())}
             try:
                 done, _pending = await asyncio.wait(
-                    waiters, timeout=max(0.05, wait), return_when=asyncio.FIRST_COMPLETED
+                    waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED
                 )
             finally:
                 for w in waiters:

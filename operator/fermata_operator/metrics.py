@@ -37,6 +37,11 @@ RECONCILE_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 RECONCILE_ERRORS = Counter("fermata_reconcile_errors_total", "Reconciles that raised", ["namespace"])
+TAMPERING = Counter(
+    "fermata_status_tampering_total",
+    "Operator-owned status rewritten by someone else (restored from the operator's own record)",
+    ["namespace"],
+)
 DECISIONS = Counter(
     "fermata_decisions_total", "Decisions the operator took, by Event reason", ["namespace", "reason"]
 )

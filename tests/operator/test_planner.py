@@ -9,7 +9,7 @@ import pytest
 
 from fermata_api import TrainingRunStatus
 from fermata_api.meta import ANNOTATION_STOP_REASON, POD_FINALIZER
-from fermata_operator.planner import Observed, Plan, merge_patch, plan, status_changed
+from fermata_operator.planner import Observed, Plan, merge_patch, plan, refused, status_changed
 from fermata_operator.policies.prices import PriceTable
 from fermata_operator.settings import OperatorSettings
 from tests.operator.factories import T0, iso, node, pod_for, progress, run, running, terminated
@@ -667,3 +667,113 @@ def test_merge_patch_removes_what_the_plan_dropped_at_any_depth() -> None:
         return out
 
     assert apply(old, body) == new
+
+
+def test_pods_the_run_does_not_control_are_never_touched_or_billed() -> None:
+    r = run()
+    step(r, [], timedelta(0))
+    ours = running(pod_for(r), "spot-1", T0)
+    # Someone else's pod with our labels and a name of the next incarnation.
+    foreign = running(pod_for(r, incarnation=1), "spot-1", T0)
+    foreign["metadata"]["ownerReferences"][0]["uid"] = "someone-else"
+    foreign["metadata"]["uid"] = "foreign-uid"
+    ours["metadata"]["uid"] = "our-uid"
+    p = step(r, [ours, foreign], timedelta(hours=1))
+    assert p.stop_pods == []
+    assert [s["pod"] for s in r["status"]["cost"]["segments"]] == ["demo-0"]
+    assert r["status"]["pod"]["uid"] == "our-uid"
+
+
+def test_a_stop_names_the_uid_of_the_pod_it_saw() -> None:
+    r = run(budget={"maxUSD": 0.1})
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "spot-1", T0)
+    pod["metadata"]["uid"] = "uid-0"
+    p = step(r, [pod], timedelta(hours=1))
+    assert ("demo-0", "BudgetExceeded") in p.stop_pods
+    assert p.uids["demo-0"] == "uid-0"
+
+
+def test_tampering_is_said_and_planned_from_the_restored_status() -> None:
+    r = run()
+    step(r, [], timedelta(0))
+    obs = Observed(
+        run=r, pods=[], nodes=NODES, missing_nodes=set(), prices=PriceTable(), now=T0 + timedelta(seconds=5)
+    )
+    obs.tampered = ["cost", "phase"]
+    p = plan(obs, SETTINGS)
+    tampered = next(c for c in p.status["conditions"] if c["type"] == "Tampered")
+    assert tampered["status"] == "True" and tampered["reason"] == "StatusRewritten"
+    assert "status.cost, status.phase" in tampered["message"]
+    assert [e.reason for e in p.events if e.type == "Warning"] == ["StatusTampered"]
+
+
+def test_a_run_being_deleted_winds_down_without_counting_interruptions() -> None:
+    r = run()
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "spot-1", T0)
+    step(r, [pod], timedelta(minutes=5))
+    r["metadata"]["deletionTimestamp"] = iso(T0 + timedelta(minutes=6))
+    pod["metadata"]["deletionTimestamp"] = iso(T0 + timedelta(minutes=6))
+    gone = terminated(pod, 143, T0 + timedelta(minutes=6, seconds=10))
+    p = step(r, [gone], timedelta(minutes=7))
+    assert r["status"]["interruptions"] == 0
+    assert p.create == []
+    assert p.release_finalizers == ["demo-0"]
+
+
+def test_namespace_deletion_is_not_an_interruption() -> None:
+    r = run()
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "spot-1", T0)
+    pod["metadata"]["deletionTimestamp"] = iso(T0 + timedelta(minutes=6))
+    gone = terminated(pod, 143, T0 + timedelta(minutes=6, seconds=10))
+    obs = Observed(
+        run=r,
+        pods=[gone],
+        nodes=NODES,
+        missing_nodes=set(),
+        prices=PriceTable(),
+        now=T0 + timedelta(minutes=7),
+        namespace_terminating=True,
+    )
+    p = plan(obs, SETTINGS)
+    assert p.status.get("interruptions", 0) == 0 and p.create == []
+
+
+def test_changed_resources_restart_the_pod_from_its_checkpoint_not_an_interruption() -> None:
+    r = run()
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "spot-1", T0)
+    step(r, [pod], timedelta(minutes=5))
+    r["spec"]["resources"]["instanceTypes"] = ["g4dn.xlarge", "g5.xlarge"]
+    r["metadata"]["generation"] = 2
+    p = step(r, [pod], timedelta(minutes=6))
+    assert ("demo-0", "SpecChanged") in p.stop_pods
+    assert [e.reason for e in p.events] == ["SpecChanged"]
+    stopped = terminated(pod, 0, T0 + timedelta(minutes=7), phase="Failed")
+    stopped["metadata"]["annotations"][ANNOTATION_STOP_REASON] = "SpecChanged"
+    step(r, [stopped], timedelta(minutes=7))
+    p = step(r, [stopped], timedelta(minutes=7, seconds=2))
+    created = [o for o in p.create if o["kind"] == "Pod"]
+    assert [o["metadata"]["name"] for o in created] == ["demo-1"]
+    terms = created[0]["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert "g5.xlarge" in terms["nodeSelectorTerms"][0]["matchExpressions"][1]["values"]
+    assert r["status"]["interruptions"] == 0 and r["status"]["failures"] == 0
+
+
+def test_a_refused_create_is_a_condition_and_is_not_retried_hot() -> None:
+    r = run()
+    p = step(r, [], timedelta(0))
+    blocked = refused(p, "NameConflict", "ServiceAccount ml/demo-trainer already exists", 1, T0)
+    r["status"] = blocked.status
+    assert blocked.requeue_after == 300.0
+    assert [e.reason for e in blocked.events] == ["NameConflict"]
+    assert cond(r, "Accepted")["status"] == "False" and cond(r, "Accepted")["reason"] == "NameConflict"
+    assert step(r, [], timedelta(seconds=30)).create == []  # same spec: wait
+    assert cond(r, "Accepted")["reason"] == "NameConflict"
+    r["metadata"]["generation"] = 2  # the user changed something: try again at once
+    assert [o["kind"] for o in step(r, [], timedelta(seconds=31)).create][-1] == "Pod"
+    r["status"] = refused(step(r, [], timedelta(seconds=32)), "CreateFailed", "quota", 2, T0).status
+    assert step(r, [], timedelta(seconds=299)).create == []
+    assert step(r, [], timedelta(seconds=301)).create != []  # ... or after the wait

@@ -26,6 +26,10 @@ def _stable(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _without_clock(d: dict[str, Any]) -> dict[str, Any]:
+    return {**d, "cost": {k: v for k, v in (d.get("cost") or {}).items() if k != "updated"}}
+
+
 def status_changed(old: dict[str, Any], new: dict[str, Any], min_cost_interval: float, now: datetime) -> bool:
     """Whether the operator-owned status differs enough to be written now.
 
@@ -34,8 +38,8 @@ def status_changed(old: dict[str, Any], new: dict[str, Any], min_cost_interval: 
     """
     if _stable(old) != _stable(new):
         return True
-    if old == new:
-        return False
+    if _without_clock(old) == _without_clock(new):
+        return False  # only the computation time moved (a terminal run, say): nothing to write
     updated = parse_time((old.get("cost") or {}).get("updated"))
     return updated is None or (now - updated).total_seconds() >= min_cost_interval
 
