@@ -173,7 +173,20 @@ def _placement(spec: TrainingRunSpec, capacity: CapacityType, settings: Operator
     return placement
 
 
-def _env(spec: TrainingRunSpec, incarnation: int, resume_from: str | None) -> list[dict[str, Any]]:
+def _resume_env(resume_from: str | None, digest: str | None, explicit: bool) -> list[dict[str, Any]]:
+    """Where the pod resumes from and what it must verify there (the manifest's digest; a
+    checkpoint of another run only when the user named it in ``spec.resumeFrom``)."""
+    if not resume_from:
+        return []
+    env = [{"name": contract.ENV_RESUME_FROM, "value": resume_from}]
+    if digest:
+        env.append({"name": contract.ENV_RESUME_DIGEST, "value": digest})
+    if explicit:
+        env.append({"name": contract.ENV_RESUME_EXPLICIT, "value": "1"})
+    return env
+
+
+def _env(spec: TrainingRunSpec, incarnation: int, resume_env: list[dict[str, Any]]) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": contract.ENV_CONFIG, "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
         {"name": contract.ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -185,8 +198,7 @@ def _env(spec: TrainingRunSpec, incarnation: int, resume_from: str | None) -> li
         {"name": "HF_HOME", "value": f"{SCRATCH_DIR}/hf"},
         {"name": contract.ENV_WORK_DIR, "value": f"{SCRATCH_DIR}/fermata"},
     ]
-    if resume_from:
-        env.append({"name": contract.ENV_RESUME_FROM, "value": resume_from})
+    env.extend(resume_env)
     secret = spec.storage.credentials_secret
     if secret:
         for key, optional in (
@@ -213,6 +225,8 @@ def trainer_pod(
     incarnation: int,
     capacity: CapacityType,
     resume_from: str | None,
+    resume_digest: str | None = None,
+    resume_explicit: bool = False,
 ) -> dict[str, Any]:
     """The trainer pod for one incarnation; passes the `restricted` Pod Security level."""
     run_name = run["metadata"]["name"]
@@ -247,7 +261,7 @@ def trainer_pod(
                 "imagePullPolicy": res.image_pull_policy,
                 "command": ["fermata-train"],
                 "args": ["run"],
-                "env": _env(spec, incarnation, resume_from),
+                "env": _env(spec, incarnation, _resume_env(resume_from, resume_digest, resume_explicit)),
                 "resources": {"requests": requests, "limits": limits},
                 "securityContext": {
                     "allowPrivilegeEscalation": False,

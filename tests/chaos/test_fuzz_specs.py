@@ -88,14 +88,43 @@ def _out_of_range(schema: dict[str, Any]) -> st.SearchStrategy[Any] | None:
     return None
 
 
+#: A rule like ``self.matches('^...$')`` (the CRD's readable form of a pattern).
+MATCHES_RULE = re.compile(r"^self\.matches\('(.*)'\)$")
+QUANTITY = st.from_regex(r"[1-9][0-9]{0,3}(\.[0-9])?(m|k|M|G|Ki|Mi|Gi)?", fullmatch=True)
+#: Label keys and values (what the nodeSelector and toleration rules accept).
+LABEL_KEY = st.from_regex(r"([a-z]{1,5}\.[a-z]{1,5}/)?[a-z][a-z0-9]{0,8}", fullmatch=True)
+LABEL_VALUE = st.from_regex(r"([a-z0-9]([a-z0-9.-]{0,8}[a-z0-9])?)?", fullmatch=True)
+
+
+def _rules(schema: dict[str, Any]) -> list[str]:
+    return [str(v.get("rule", "")) for v in schema.get("x-kubernetes-validations") or []]
+
+
+def _valid_string(schema: dict[str, Any]) -> st.SearchStrategy[Any] | None:
+    """A string the field's CEL rules accept (its pattern, a quantity, a label key), if any."""
+    for rule in _rules(schema):
+        if "isQuantity(self)" in rule:
+            return QUANTITY
+        found = MATCHES_RULE.match(rule)
+        if found:
+            return st.from_regex(found.group(1).replace("\\\\", "\\"), fullmatch=True).filter(
+                lambda s: 0 < len(s) < 40
+            )
+    return None
+
+
 def _valid(schema: dict[str, Any], depth: int, mutate: bool = False) -> st.SearchStrategy[Any]:
     kind = schema.get("type")
     if "enum" in schema:
         return st.sampled_from(schema["enum"])
+    if kind == "string" and (ruled := _valid_string(schema)) is not None:
+        return ruled
     if kind == "object":
         props: dict[str, Any] = schema.get("properties") or {}
         if not props:
             extra = schema.get("additionalProperties") or {"type": "string"}
+            if _rules(schema):  # a label map (nodeSelector): label keys and values
+                return st.dictionaries(LABEL_KEY, LABEL_VALUE, max_size=2)
             return st.dictionaries(
                 st.from_regex(r"[a-z][a-z0-9./-]{0,10}", fullmatch=True), _valid(extra, depth + 1), max_size=2
             )

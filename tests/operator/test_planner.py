@@ -777,3 +777,26 @@ def test_a_refused_create_is_a_condition_and_is_not_retried_hot() -> None:
     r["status"] = refused(step(r, [], timedelta(seconds=32)), "CreateFailed", "quota", 2, T0).status
     assert step(r, [], timedelta(seconds=299)).create == []
     assert step(r, [], timedelta(seconds=301)).create != []  # ... or after the wait
+
+
+def test_the_next_pod_verifies_its_own_checkpoint_or_starts_from_the_named_one() -> None:
+    r = run(resumeFrom="s3://other/run/checkpoints/step-000000100/manifest.json")
+    p = step(r, [], timedelta(0))
+    env = {e["name"]: e.get("value") for e in p.create[-1]["spec"]["containers"][0]["env"]}
+    assert env["FERMATA_RESUME_FROM"] == "s3://other/run/checkpoints/step-000000100/manifest.json"
+    assert env["FERMATA_RESUME_EXPLICIT"] == "1"
+    # Once the run has a checkpoint of its own, that one wins, with its digest to verify.
+    pod = running(pod_for(r), "spot-1", T0)
+    r["status"]["lastCheckpoint"] = {
+        "uri": "s3://ml-runs/demo/checkpoints/step-000000020/manifest.json",
+        "step": 20,
+        "digest": "sha256:0123",
+        "time": iso(T0 + timedelta(minutes=5)),
+    }
+    gone = terminated(pod, 137, T0 + timedelta(minutes=6), reason="OOMKilled")
+    step(r, [gone], timedelta(minutes=6))
+    p = step(r, [gone], timedelta(hours=1))
+    env = {e["name"]: e.get("value") for e in p.create[-1]["spec"]["containers"][0]["env"]}
+    assert env["FERMATA_RESUME_FROM"].endswith("step-000000020/manifest.json")
+    assert env["FERMATA_RESUME_DIGEST"] == "sha256:0123"
+    assert "FERMATA_RESUME_EXPLICIT" not in env

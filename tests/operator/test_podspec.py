@@ -83,3 +83,32 @@ def test_trainer_rbac_is_scoped_to_its_own_run() -> None:
         assert rule["resourceNames"] == ["demo"]
         assert set(rule["verbs"]) <= {"get", "patch"}
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
+
+
+def test_resume_env_carries_the_digest_and_marks_an_explicit_foreign_start() -> None:
+    r = run()
+    s = TrainingRunSpec.model_validate(r["spec"])
+    pod = podspec.trainer_pod(
+        r,
+        s,
+        OperatorSettings(),
+        incarnation=2,
+        capacity=CapacityType.spot,
+        resume_from="s3://b/p/checkpoints/step-000000010/manifest.json",
+        resume_digest="sha256:ab",
+    )
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["FERMATA_RESUME_FROM"].endswith("step-000000010/manifest.json")
+    assert env["FERMATA_RESUME_DIGEST"] == "sha256:ab"
+    assert "FERMATA_RESUME_EXPLICIT" not in env
+    other = podspec.trainer_pod(
+        r,
+        s,
+        OperatorSettings(),
+        incarnation=0,
+        capacity=CapacityType.spot,
+        resume_from="s3://x/m.json",
+        resume_explicit=True,
+    )
+    env = {e["name"]: e.get("value") for e in other["spec"]["containers"][0]["env"]}
+    assert env["FERMATA_RESUME_EXPLICIT"] == "1" and "FERMATA_RESUME_DIGEST" not in env

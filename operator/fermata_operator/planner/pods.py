@@ -104,13 +104,23 @@ def start_next(p: Pass) -> Plan:
         return _price_unknown(p, missing)
     if st.capacity is not None and st.capacity != capacity.value:
         p.event("Normal", "CapacityChanged", f"next pod on {capacity.value}: {why}")
-    resume = st.last_checkpoint.uri if st.last_checkpoint is not None else None
+    # The run's own newest verified checkpoint (its digest checked by the trainer); else a
+    # checkpoint of another run only if the user named it.
+    own = st.last_checkpoint
+    resume = own.uri if own is not None else spec.resume_from
     run = p.obs.run
     p.plan.create.append(podspec.config_map(run, spec, p.settings))
     p.plan.create.extend(podspec.trainer_rbac(run))
     p.plan.create.append(
         podspec.trainer_pod(
-            run, spec, p.settings, incarnation=st.incarnation, capacity=capacity, resume_from=resume
+            run,
+            spec,
+            p.settings,
+            incarnation=st.incarnation,
+            capacity=capacity,
+            resume_from=resume,
+            resume_digest=own.digest if own is not None else None,
+            resume_explicit=own is None and spec.resume_from is not None,
         )
     )
     name = p.current_name
