@@ -252,7 +252,8 @@ class RunController:
         for pod_name, reason in plan.stop_pods:
             self.stop_pod(ns, pod_name, reason, plan.uids.get(pod_name))
         for pod_name in plan.release_finalizers:
-            self.release_finalizer(ns, pod_name, plan.uids.get(pod_name))
+            unstarted = pod_name in plan.release_if_unstarted
+            self.release_finalizer(ns, pod_name, plan.uids.get(pod_name), require_unstarted=unstarted)
         for ev in plan.events:
             self.post_event(run, ev.type, ev.reason, ev.message)
 
@@ -344,7 +345,9 @@ class RunController:
             if exc.status not in (404, 409, 422):  # gone, or not that pod any more
                 raise
 
-    def release_finalizer(self, ns: str, pod_name: str, uid: str | None = None) -> None:
+    def release_finalizer(
+        self, ns: str, pod_name: str, uid: str | None = None, *, require_unstarted: bool = False
+    ) -> None:
         for _ in range(5):
             try:
                 pod = self.core.read_namespaced_pod(pod_name, ns)
@@ -354,6 +357,8 @@ class RunController:
                 raise
             if uid is not None and pod.metadata.uid != uid:
                 return  # another pod of that name: not the one whose span was recorded
+            if require_unstarted and pod.status is not None and pod.status.start_time is not None:
+                return  # it did start: keep it until its span is billed (a later pass sees it)
             fins = list(pod.metadata.finalizers or [])
             if POD_FINALIZER not in fins:
                 return

@@ -248,15 +248,21 @@ def test_gates_give_go_conditional_go_and_no_go(
     }
     runs.create("gated", spec(gates=[gate]))
     running(runs, "gated", "gated-0")
-    report(runs, "gated", 99, "gated-0", validation_loss=val_loss, authenticity=authenticity)
+    report(
+        runs, "gated", 99, "gated-0", validation_loss=val_loss, authenticity=authenticity, evaluated_step=99
+    )
     time.sleep(3)
     assert not runs.status("gated").get("gates")
-    report(runs, "gated", 100, "gated-0", validation_loss=val_loss, authenticity=authenticity)
+    # The evaluation the gate judges is the one at its milestone (step 100), not an older one.
+    report(
+        runs, "gated", 100, "gated-0", validation_loss=val_loss, authenticity=authenticity, evaluated_step=100
+    )
     st = wait_for(
         lambda: (s := runs.status("gated")).get("decision") == decision and s, timeout=30, what=decision
     )
     outcome = st["gates"][0]
     assert outcome["name"] == "week-5" and outcome["decision"] == decision
+    assert outcome["evaluatedStep"] == 100
     assert (
         outcome["evidence"]["validationLoss"] == val_loss and outcome["evidence"]["minAuthenticity"] == 0.35
     )

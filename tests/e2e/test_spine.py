@@ -183,7 +183,7 @@ def test_kubectl_columns_explain_and_defaults(
     wait_for(lambda: runs.status("cols").get("phase") == "Running", timeout=60)
     out = control_plane.kubectl("get", "trainingruns", "-n", runs.ns, check=True).stdout
     header = out.splitlines()[0].split()
-    assert header == ["NAME", "PHASE", "DECISION", "PROGRESS", "COST", "BUDGET", "AGE"]
+    assert header == ["NAME", "PHASE", "DECISION", "PROGRESS", "COST", "BUDGET", "ETA", "AGE"]
     assert "Running" in out
     assert "cols" in control_plane.kubectl("get", "tr", "-n", runs.ns, check=True).stdout
     assert "cols" in control_plane.kubectl("get", "fermata", "-n", runs.ns, check=True).stdout

@@ -800,3 +800,18 @@ def test_the_next_pod_verifies_its_own_checkpoint_or_starts_from_the_named_one()
     assert env["FERMATA_RESUME_FROM"].endswith("step-000000020/manifest.json")
     assert env["FERMATA_RESUME_DIGEST"] == "sha256:0123"
     assert "FERMATA_RESUME_EXPLICIT" not in env
+
+
+def test_a_pod_seen_unstarted_is_released_only_if_a_fresh_read_agrees() -> None:
+    r = run()
+    step(r, [], timedelta(0))
+    pod = pod_for(r)
+    pod["spec"]["nodeName"] = "spot-1"  # placed, and (as far as this view knows) never started
+    pod["metadata"]["deletionTimestamp"] = iso(T0 + timedelta(seconds=5))
+    p = step(r, [pod], timedelta(seconds=10))
+    assert "demo-0" in p.release_finalizers and p.release_if_unstarted == {"demo-0"}
+    started = running(pod_for(r), "spot-1", T0)
+    started["metadata"]["deletionTimestamp"] = iso(T0 + timedelta(seconds=5))
+    ended = terminated(started, 0, T0 + timedelta(seconds=6), phase="Failed")
+    p = step(run(), [ended], timedelta(seconds=10))
+    assert "demo-0" in p.release_finalizers and p.release_if_unstarted == set()  # billed: no re-check

@@ -13,7 +13,14 @@ files go to ``$FERMATA_WORK_DIR`` (the pod's scratch volume) when set, else the 
 finishes its step and rank 0 writes the checkpoint.
 
 Exit codes: 0 completed or stopped after a checkpoint, 2 bad configuration or dataset
-(permanent), 1 anything else (the pod is restarted and resumes from its last checkpoint).
+(permanent: also a ``storage.checkpoints`` prefix another TrainingRun has claimed, or a resume
+source that is not this run's or not the checkpoint the operator expects), 1 anything else (the
+pod is restarted and resumes from its last checkpoint).
+
+Resuming: ``$FERMATA_RESUME_FROM`` names the checkpoint manifest to resume from,
+``$FERMATA_RESUME_DIGEST`` the sha256 it must have (``status.lastCheckpoint.digest``), and
+``$FERMATA_RESUME_EXPLICIT=1`` says the user chose it (``spec.resumeFrom``), so another run's
+checkpoint is accepted.
 """
 
 from __future__ import annotations
@@ -45,7 +52,12 @@ from fermata_api import (
 from fermata_trainer.errors import TrainerConfigError
 from fermata_trainer.logging_setup import LiveStream, configure_logging, get_logger
 
-log = get_logger("fermata_trainer.cli")
+
+def _log() -> Any:
+    """This module's logger, made when used: one bound at import time would keep structlog's
+    default console format instead of the JSON lines :func:`configure_logging` sets up."""
+    return get_logger("fermata_trainer.cli")
+
 
 EXIT_FAILURE = 1
 
@@ -109,7 +121,7 @@ def _wants_torchrun(config: TrainerConfig) -> bool:
 
     available = torch.cuda.device_count()
     if available < config.gpus:
-        log.warning("gpus_unavailable", requested=config.gpus, available=available)
+        _log().warning("gpus_unavailable", requested=config.gpus, available=available)
         return False
     return True
 
@@ -136,7 +148,7 @@ def _relaunch_under_torchrun(config: TrainerConfig, config_path: Path, model: st
     if model:
         command += ["--model", model]
     env = dict(os.environ, **{ENV_STOP_FILE: str(stop_file)})
-    log.info("relaunching_under_torchrun", gpus=config.gpus)
+    _log().info("relaunching_under_torchrun", gpus=config.gpus)
     # own session: a terminal's Ctrl-C or the kubelet's SIGTERM reaches only this launcher,
     # which turns it into the stop file every worker polls after each step
     child = subprocess.Popen(command, env=env, start_new_session=True)
@@ -180,12 +192,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from fermata_trainer.checkpoints import claim_prefix
     from fermata_trainer.dataset import prepare_dataset
     from fermata_trainer.storage import open_storage
 
     env = PodEnv.from_environ()
     config, _ = _load_config(args.config, env)
     storage = open_storage(config.storage.checkpoints)
+    claim_prefix(storage, config.run)  # it writes the dataset manifest there
     work_dir = Path(config.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare_dataset(config.dataset, storage, work_dir, reuse=not args.rebuild, verify_reused=True)
@@ -245,13 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except TrainerConfigError as exc:
-        log.error("config_error", error=str(exc), error_type=type(exc).__name__)
+        _log().error("config_error", error=str(exc), error_type=type(exc).__name__)
         return EXIT_CONFIG_ERROR
     except KeyboardInterrupt:
-        log.error("interrupted")
+        _log().error("interrupted")
         return 130
     except Exception as exc:
-        log.exception("trainer_failed", error=f"{type(exc).__name__}: {exc}")
+        _log().exception("trainer_failed", error=f"{type(exc).__name__}: {exc}")
         return EXIT_FAILURE
     return code
 

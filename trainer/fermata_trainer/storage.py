@@ -12,6 +12,7 @@ path-style addressing in that case.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -193,6 +194,12 @@ class Storage(ABC):
     def put_bytes(self, key: str, data: bytes) -> None: ...
 
     @abstractmethod
+    def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
+        """Create the object only if no object has that key: True when this call created it,
+        False when one existed already (left as it was). Of two callers racing for one key,
+        exactly one gets True."""
+
+    @abstractmethod
     def get_bytes(self, key: str) -> bytes:
         """Raises :class:`ObjectNotFoundError` when absent."""
 
@@ -269,6 +276,35 @@ class LocalStorage(Storage):
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._atomic_write(self._path(key), lambda p: p.write_bytes(data))
+
+    def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
+        """An exclusive create: the content goes to a temporary file that is then hard-linked
+        to the final name (``link`` fails when the name exists, and a reader never sees a
+        half-written object); where the file system has no hard links, ``open(path, "x")``."""
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp_name, target)
+            except FileExistsError:
+                return False
+            except OSError:  # no hard links here (some FUSE/SMB mounts): exclusive open
+                try:
+                    with target.open("xb") as out:
+                        out.write(data)
+                        out.flush()
+                        os.fsync(out.fileno())
+                except FileExistsError:
+                    return False
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
 
     def get_bytes(self, key: str) -> bytes:
         path = self._path(key)
@@ -416,6 +452,39 @@ class S3Storage(Storage):
             lambda: self.client.put_object(Bucket=self.bucket, Key=full, Body=data),
         )
 
+    def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
+        """``PutObject`` with ``If-None-Match: *`` (S3 conditional writes): 412
+        PreconditionFailed means the object exists. A 409 ConditionalRequestConflict (a
+        concurrent conditional write still in flight) is retried, and then normally answers
+        412. A server that refuses the header (501 NotImplemented) gets a plain existence check
+        and PUT instead, which is not race-free: callers read the object back and compare."""
+        full = self._key(key)
+        what = f"put-if-absent s3://{self.bucket}/{full}"
+        for attempt in range(self.retry.attempts):
+            try:
+                self._call(
+                    what,
+                    lambda: self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*"),
+                )
+                return True
+            except Exception as exc:
+                code, status = _client_error_code(exc)
+                if status == 412 or code == "PreconditionFailed":
+                    return False
+                if (status == 409 or code == "ConditionalRequestConflict") and (
+                    attempt < self.retry.attempts - 1
+                ):
+                    time.sleep(self.retry.delay(attempt))
+                    continue
+                if status == 501 or code == "NotImplemented":
+                    log.warning("conditional_write_unsupported", operation=what, error=str(exc))
+                    if self.exists(key):
+                        return False
+                    self.put_bytes(key, data)
+                    return True
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def get_bytes(self, key: str) -> bytes:
         full = self._key(key)
 
@@ -517,6 +586,18 @@ def open_storage(uri: str, s3_client: Any | None = None) -> Storage:
     if "://" in uri and not uri.startswith("file://"):
         raise ValueError(f"unsupported storage URI {uri!r}: use s3://bucket/prefix or a path")
     return LocalStorage(local_path_of(uri), uri.rstrip("/") or "/")
+
+
+def same_location(a: str, b: str) -> bool:
+    """Whether two storage URIs name the same place (``s3://b/p/`` = ``s3://b/p``; a local
+    path, ``file://`` or not, compared resolved)."""
+    if is_s3_uri(a) or is_s3_uri(b):
+        if not (is_s3_uri(a) and is_s3_uri(b)):
+            return False
+        return parse_s3_uri(a) == parse_s3_uri(b)
+    if any("://" in u and not u.startswith("file://") for u in (a, b)):
+        return a.rstrip("/") == b.rstrip("/")
+    return local_path_of(a).resolve() == local_path_of(b).resolve()
 
 
 def split_uri(uri: str) -> tuple[Storage, str]:

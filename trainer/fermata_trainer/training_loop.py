@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -57,7 +57,13 @@ from fermata_api import (
     report_key,
 )
 from fermata_trainer.batching import BatchPlan, DataPosition
-from fermata_trainer.checkpoints import CheckpointStore, VerifiedCheckpoint, step_dir_name
+from fermata_trainer.checkpoints import (
+    CheckpointStore,
+    VerifiedCheckpoint,
+    claim_prefix,
+    describe_run,
+    step_dir_name,
+)
 from fermata_trainer.codes_cache import CodesCache, CodesDataset
 from fermata_trainer.conditioning import apply_cfg_dropout, cfg_dropout_mask, make_attributes
 from fermata_trainer.dataset import AudioFetcher, EmptySubsetError, prepare_dataset
@@ -69,6 +75,7 @@ from fermata_trainer.distributed import (
     gather_objects,
     init_distributed,
 )
+from fermata_trainer.errors import TrainerConfigError
 from fermata_trainer.evaluation import EvaluationResult, Evaluator
 from fermata_trainer.logging_setup import bind_context, get_logger
 from fermata_trainer.model_loading import LoadedModel, load_model
@@ -78,6 +85,8 @@ from fermata_trainer.storage import RetryPolicy, S3Storage, Storage, open_storag
 from fermata_trainer.telemetry import GpuMonitor, ProgressBar, TensorBoardSink
 
 log = get_logger(__name__)
+
+T = TypeVar("T")
 
 STATE_FORMAT_VERSION = 1
 TRAIN_LOSS_WINDOW = 50
@@ -183,6 +192,8 @@ class Trainer:
         self.stop_report: StopReport | None = None
         self.last_report_ok = False
         self.stop_report_uri: str | None = None
+        #: another run's checkpoint this run started from (spec.resumeFrom), rank 0
+        self.started_from: str | None = None
         self.signal_received: str | None = None
         self.message: str | None = None
         self._last_report = 0.0
@@ -486,6 +497,55 @@ class Trainer:
                 note="batches after resume differ from an uninterrupted run",
             )
 
+    def _on_main_then_everywhere(self, fn: Callable[[], T]) -> T | None:
+        """``fn()`` on rank 0 (None elsewhere); a failure there is raised on every rank (a
+        config error as a config error), so no rank waits for a collective rank 0 never joins."""
+        result: T | None = None
+        error: Exception | None = None
+        if self.dist.is_main:
+            try:
+                result = fn()
+            except Exception as exc:
+                error = exc
+        failure = broadcast_object(
+            self.dist,
+            None if error is None else (isinstance(error, TrainerConfigError), str(error)),
+        )
+        if error is not None:
+            raise error
+        if failure is not None:
+            is_config, message = failure
+            raise TrainerConfigError(message) if is_config else RuntimeError(f"rank 0: {message}")
+        return result
+
+    def _resume_source(self, store: CheckpointStore) -> VerifiedCheckpoint | None:
+        """Rank 0: the checkpoint to resume from (see :meth:`CheckpointStore.resolve_resume`);
+        only a checkpoint of this run's own becomes ``status.lastCheckpoint``."""
+        verified = store.resolve_resume(
+            self.env.resume_from,
+            expected_digest=self.env.resume_digest,
+            explicit=self.env.resume_explicit,
+        )
+        if verified is None:
+            return None
+        if verified.in_store and verified.other_run is None:
+            self.last_checkpoint = verified.ref
+            started_from = verified.manifest.get("startedFrom")
+            self.started_from = str(started_from) if started_from else None
+            return verified
+        source = describe_run(verified.other_run) if verified.other_run else "another location"
+        self.message = (
+            f"started from another run's checkpoint {verified.ref.uri} (step {verified.step}, {source})"
+        )[:1000]
+        log.warning(
+            "resumed_from_other_run",
+            checkpoint=verified.ref.uri,
+            digest=verified.ref.digest,
+            step=verified.step,
+            source_run=verified.other_run,
+        )
+        return verified
+
     # ================================================================== main
 
     def run(self) -> RunOutcome:
@@ -535,6 +595,7 @@ class Trainer:
             incarnation=self.env.incarnation,
             pod=self.env.pod_name,
         )
+        self._on_main_then_everywhere(lambda: claim_prefix(storage, cfg.run))
         self.report(TrainerState.preparing)
 
         model = load_model(cfg.model.base, self.device, work_dir)
@@ -550,15 +611,17 @@ class Trainer:
         )
         self.total_steps = plan.total_steps(tcfg.epochs, tcfg.max_steps)
         lm: nn.Module = model.lm
-        store = CheckpointStore(storage, cfg.storage.keep_last, work_dir / "checkpoints")
+        store = CheckpointStore(storage, cfg.storage.keep_last, work_dir / "checkpoints", owner=cfg.run)
 
-        resumed_files: dict[str, str] | None = None
-        if self.dist.is_main:
-            verified: VerifiedCheckpoint | None = store.resolve_resume(self.env.resume_from)
-            if verified is not None:
-                resumed_files = {k: str(v) for k, v in verified.files.items()}
-                self.last_checkpoint = verified.ref
-        resumed_files = broadcast_object(self.dist, resumed_files)
+        verified = self._on_main_then_everywhere(lambda: self._resume_source(store))
+        resumed_files = broadcast_object(
+            self.dist, {k: str(v) for k, v in verified.files.items()} if verified else None
+        )
+        from_other_run = bool(
+            broadcast_object(self.dist, verified is not None and self.last_checkpoint is None)
+        )
+        if from_other_run and verified is not None:
+            self.started_from = verified.ref.uri
 
         loss_module: nn.Module = LMLoss(lm)
         if self.dist.enabled:
@@ -573,12 +636,17 @@ class Trainer:
         if resumed_files is not None:
             self._restore(resumed_files, lm, optimizer, scheduler)
             self.checkpoint_step = self.step
+            if from_other_run:
+                # the other run's control-channel answers mean nothing to this run's operator
+                self.ack = None
+                self.evaluation_ack = None
             log.info(
                 "resumed",
                 step=self.step,
                 epoch=self.position.epoch,
                 index=self.position.index,
-                checkpoint=self.last_checkpoint.uri if self.last_checkpoint else None,
+                checkpoint=verified.ref.uri if verified else None,
+                from_other_run=from_other_run,
             )
         lm.train()
 
@@ -927,6 +995,7 @@ class Trainer:
                     "incarnation": self.env.incarnation,
                     "pod": self.env.pod_name,
                     "checkpointRequestAck": self.ack,
+                    "startedFrom": self.started_from,
                 },
             )
         finally:

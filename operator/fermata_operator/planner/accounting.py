@@ -56,6 +56,8 @@ def account(p: Pass) -> None:
         closed = pod.name in result.closed_pods or bill.start is None
         if pod.has_cost_finalizer and gone and closed:
             p.release_finalizer(pod.name)
+            if pod.name not in result.closed_pods:
+                p.plan.release_if_unstarted.add(pod.name)
     current = p.current
     for pod in p.pods:
         if pod is not current and p.active(pod):

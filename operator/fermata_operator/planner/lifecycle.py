@@ -37,7 +37,7 @@ from fermata_operator.planner import accounting, pods, stopping
 from fermata_operator.planner.context import Pass, pod_name
 from fermata_operator.planner.model import Observed, Plan
 from fermata_operator.policies import budget, cost, deadline, gates, idle, plateau, retry, spot, suspend
-from fermata_operator.policies.pod_outcome import Kind, Outcome
+from fermata_operator.policies.pod_outcome import TERMINATING_PATIENCE_SECONDS, Kind, Outcome
 from fermata_operator.settings import OperatorSettings
 from fermata_operator.views import PodView
 
@@ -135,9 +135,12 @@ def suspended(p: Pass) -> Plan:
 
 
 def resume(p: Pass) -> None:
+    """Resume: a pod that was never stopped (the suspend was undone before it took effect)
+    simply goes on; one that has ended makes room for the next incarnation."""
     p.apply(suspend.resuming())
     p.st.phase = Phase.pending
-    if p.current is not None:
+    current = p.current
+    if current is not None and p.outcomes[current.name].ended and not still_running(p, current):
         p.st.incarnation += 1
 
 
@@ -212,8 +215,20 @@ def config_error(p: Pass, pod: PodView | None, outcome: Outcome) -> Plan:
     return stopping.stop(p, v.stop)
 
 
+def still_running(p: Pass, pod: PodView) -> bool:
+    """A pod we stopped whose trainer is still writing its SIGTERM checkpoint (within its grace
+    period plus a little patience): the next pod must wait for that checkpoint."""
+    if pod.phase != "Running" or pod.container.finished is not None or p.node_missing(pod):
+        return False
+    return pod.deletion is None or (p.now - pod.deletion).total_seconds() <= TERMINATING_PATIENCE_SECONDS
+
+
 def superseded(p: Pass, pod: PodView | None, outcome: Outcome) -> Plan:
-    """Our own stop of the current pod without a recorded intent (e.g. superseded): move on."""
+    """Our own stop of the current pod (a spec change, a suspend undone): once it has ended —
+    its SIGTERM checkpoint written — the next incarnation starts from that checkpoint."""
+    if pod is not None and still_running(p, pod):
+        p.st.message = f"waiting for {pod.name} to write its checkpoint and exit"
+        return p.finish_at(stopping.FINISHING_POLL_SECONDS)
     p.st.incarnation += 1
     return p.finish_at(stopping.FINISHING_POLL_SECONDS)
 

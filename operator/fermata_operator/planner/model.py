@@ -45,5 +45,8 @@ class Plan:
     #: The UID of every pod named in stop_pods / release_finalizers: only that object is touched.
     uids: dict[str, str] = field(default_factory=dict)
     release_finalizers: list[str] = field(default_factory=list)
+    #: Of those, the ones released because they never started: only if a fresh read agrees (a
+    #: stale cache may not show a start yet, and a start not seen is cost lost).
+    release_if_unstarted: set[str] = field(default_factory=set)
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None

@@ -49,6 +49,7 @@ def refused(plan: Plan, reason: str, message: str, generation: int | None, now: 
         stop_pods=plan.stop_pods,
         uids=plan.uids,
         release_finalizers=plan.release_finalizers,
+        release_if_unstarted=plan.release_if_unstarted,
         events=events,
         requeue_after=BLOCKED_RETRY_SECONDS,
     )
