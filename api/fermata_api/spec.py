@@ -619,6 +619,12 @@ class TrainingRunSpec(ApiModel):
             "resumeFrom is immutable: start a new run to start from another checkpoint",
             ".resumeFrom",
         ),
+        (
+            "self.dataset == oldSelf.dataset",
+            "dataset is immutable: the run's checkpoints and token cache belong to this data; "
+            "start a new run (optionally with resumeFrom) to train on other data",
+            ".dataset",
+        ),
     )
 
     model: ModelSpec = Field(default_factory=ModelSpec, description="Base model to fine-tune.")

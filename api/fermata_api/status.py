@@ -64,9 +64,12 @@ class PodStatusSummary(ApiModel):
     uid: str | None = Field(
         default=None, description="The pod's UID, recorded when first seen: only this object is ever deleted."
     )
-    resources_hash: str | None = Field(
+    spec_hash: str | None = Field(
         default=None,
-        description="Digest of spec.resources the pod was created from (a change restarts it from a checkpoint).",
+        description=(
+            "Digest of spec.resources, training and evaluation the pod was created from "
+            "(a change restarts it from its checkpoint)."
+        ),
     )
 
 

@@ -172,6 +172,13 @@ def test_immutable_storage_and_long_names(runs: Runs) -> None:
         runs.patch_spec("imm", {"storage": {"checkpoints": "s3://elsewhere/"}})
     assert "storage.checkpoints is immutable" in err.value.body
     with pytest.raises(ApiException) as err:
+        runs.patch_spec("imm", {"dataset": {"uri": "s3://other-data/"}})
+    assert "dataset is immutable" in err.value.body
+    with pytest.raises(ApiException) as err:
+        runs.patch_spec("imm", {"resumeFrom": "s3://x/r/checkpoints/step-000000001/manifest.json"})
+    assert "resumeFrom is immutable" in err.value.body
+    runs.patch_spec("imm", {"training": {"epochs": 30}, "budget": {"maxUSD": 700}})  # these may change
+    with pytest.raises(ApiException) as err:
         runs.create("x" * 53, spec())
     assert "at most 52 characters" in err.value.body
 

@@ -91,3 +91,56 @@ trainingruns/status; RBAC lets it create them only because it holds those verbs 
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* The operator's identity as the API server sees it (admission policies match on it). */}}
+{{- define "fermata.operatorUsername" -}}
+{{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "fermata.serviceAccountName" .) -}}
+{{- end }}
+
+{{/*
+Namespaces the operator never writes in: the system ones and its own (the release namespace,
+which holds the price table and the operator's token), plus admissionPolicies.extraProtectedNamespaces.
+A JSON list, which is also a CEL list literal.
+*/}}
+{{- define "fermata.protectedNamespaces" -}}
+{{- $ns := list "kube-system" "kube-public" "kube-node-lease" .Release.Namespace -}}
+{{- toJson (concat $ns .Values.admissionPolicies.extraProtectedNamespaces | uniq) -}}
+{{- end }}
+
+{{/*
+A ValidatingAdmissionPolicyBinding that denies. Arguments: (dict "root" $ "name" NAME "scoped" BOOL).
+scoped: in namespaced mode, only requests in the watched namespaces (policies that apply to
+every user must not reach runs another Fermata release owns).
+*/}}
+{{- define "fermata.policyBinding" -}}
+{{- $root := .root -}}
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingAdmissionPolicyBinding
+metadata:
+  name: {{ .name }}
+  labels:
+    {{- include "fermata.labels" $root | nindent 4 }}
+spec:
+  policyName: {{ .name }}
+  validationActions: [Deny]
+  {{- if and .scoped (not (include "fermata.clusterwide" $root)) }}
+  matchResources:
+    namespaceSelector:
+      matchExpressions:
+        - key: kubernetes.io/metadata.name
+          operator: In
+          values: {{ toJson $root.Values.watchNamespaces }}
+  {{- end }}
+{{- end }}
+
+{{/* Refuse values under which the admission policies would lock the operator out of its own runs. */}}
+{{- define "fermata.checkPolicyValues" -}}
+{{- if .Values.admissionPolicies.enabled -}}
+{{- $protected := fromJsonArray (include "fermata.protectedNamespaces" .) -}}
+{{- range .Values.watchNamespaces -}}
+{{- if has . $protected -}}
+{{- fail (printf "watchNamespaces: %s is a namespace the operator may not write in (system namespaces, the release namespace %s, admissionPolicies.extraProtectedNamespaces); run TrainingRuns elsewhere" . $.Release.Namespace) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end }}

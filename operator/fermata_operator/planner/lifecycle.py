@@ -165,13 +165,13 @@ def current_pod(p: Pass) -> Plan:
 
 
 def respec(p: Pass, pod: PodView) -> bool:
-    """``spec.resources`` changed since the pod was created: restart it from a checkpoint (its
-    SIGTERM checkpoint; not an interruption) so the next pod runs with the new resources."""
+    """``spec.resources``, ``training`` or ``evaluation`` changed since the pod was created:
+    restart it from its SIGTERM checkpoint (not an interruption) so the next pod runs with them."""
     assert p.spec is not None
-    created_from = p.st.pod.resources_hash if p.st.pod else None
-    if created_from is None or created_from == pods.resources_hash(p.spec):
+    created_from = p.st.pod.spec_hash if p.st.pod else None
+    if created_from is None or created_from == pods.spec_hash(p.spec):
         return False
-    message = f"spec.resources changed: restarting {pod.name} from its checkpoint with the new resources"
+    message = f"spec changed: restarting {pod.name} from its checkpoint with the new resources and settings"
     p.stop_pod(pod.name, "SpecChanged")
     p.event("Normal", "SpecChanged", message)
     p.set_condition(cond.PROGRESSING, True, "Restarting", message)

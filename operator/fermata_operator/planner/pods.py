@@ -28,9 +28,12 @@ from fermata_operator.views import PodView
 BLOCKED_RETRY_SECONDS = 300.0
 
 
-def resources_hash(spec: TrainingRunSpec) -> str:
-    """A digest of ``spec.resources``: the pod is restarted (from a checkpoint) when it changes."""
-    body = json.dumps(spec.resources.model_dump(mode="json"), sort_keys=True)
+def spec_hash(spec: TrainingRunSpec) -> str:
+    """A digest of what a pod is made from and cannot change under it (``resources``, and the
+    ``training`` / ``evaluation`` sections of its config): a change restarts the pod from its
+    checkpoint, and the next pod gets the new settings."""
+    parts = {k: getattr(spec, k).model_dump(mode="json") for k in ("resources", "training", "evaluation")}
+    body = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
@@ -130,7 +133,7 @@ def start_next(p: Pass) -> Plan:
         incarnation=st.incarnation,
         phase="Pending",
         created=p.now,
-        resources_hash=resources_hash(spec),
+        spec_hash=spec_hash(spec),
     )
     st.capacity, st.retry_after = capacity.value, None
     if st.phase in (None, Phase.running):
@@ -160,5 +163,5 @@ def track_current(p: Pass, pod: PodView, outcome: Outcome) -> None:
         created=pod.created,
         started=outcome.started or (prev.started if prev else None),
         uid=pod.uid or (prev.uid if prev else None),
-        resources_hash=prev.resources_hash if prev else None,
+        spec_hash=prev.spec_hash if prev else None,
     )
