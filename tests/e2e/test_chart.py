@@ -189,7 +189,7 @@ def test_rendering_modes(helm: Path) -> None:
     assert verbs == {
         ("", "nodes"): ("get", "list", "watch"),
         ("apiextensions.k8s.io", "customresourcedefinitions"): ("list", "watch"),
-        ("", "namespaces"): ("list", "watch"),
+        ("", "namespaces"): ("get", "list", "watch"),
     }
     # Namespaced verbs, enumerated exactly (no wildcards, no secrets, no escalate/bind).
     rules = {
