@@ -21,7 +21,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from fermata_api import TERMINAL_PHASES, contract
-from fermata_api.meta import ANNOTATION_STOP_REASON, OPERATOR_FIELD_MANAGER, POD_FINALIZER
+from fermata_api.meta import ANNOTATION_STOP_REASON, LABEL_RUN, OPERATOR_FIELD_MANAGER, POD_FINALIZER
 from fermata_operator import metrics, planner
 from fermata_operator.price_source import PriceSource
 from fermata_operator.settings import OperatorSettings
@@ -134,6 +134,42 @@ class RunController:
         log.warning("status tampered", namespace=meta["namespace"], run=meta["name"], fields=changed)
         trainer = {k: v for k, v in (run.get("status") or {}).items() if k in planner.TRAINER_KEYS}
         return {**run, "status": {**ours, **trainer}}, changed
+
+    def let_namespace_go(self, ns: str, operator_finalizer: str) -> None:
+        """The namespace is being deleted and everything in it goes: release the cost finalizers of
+        its trainer pods and the operator's finalizer of its runs, so nothing of ours holds it
+        (kopf stops watching a namespace as it is deleted, and would never release them)."""
+        pods = self.core.list_namespaced_pod(ns, label_selector=LABEL_RUN)
+        for pod in pods.items:
+            if POD_FINALIZER in (pod.metadata.finalizers or []):
+                self.release_finalizer(ns, pod.metadata.name, pod.metadata.uid)
+        runs = self.custom.list_namespaced_custom_object(
+            contract.API_GROUP, contract.API_VERSION, ns, contract.PLURAL
+        )
+        for run in runs.get("items") or []:
+            meta = run.get("metadata") or {}
+            fins = list(meta.get("finalizers") or [])
+            if operator_finalizer not in fins:
+                continue
+            # A merge patch replaces the list whole; the resourceVersion makes it conditional.
+            body = {
+                "metadata": {
+                    "finalizers": [f for f in fins if f != operator_finalizer],
+                    "resourceVersion": meta.get("resourceVersion"),
+                }
+            }
+            try:
+                self.custom.patch_namespaced_custom_object(
+                    contract.API_GROUP, contract.API_VERSION, ns, contract.PLURAL, meta["name"], body
+                )
+            except ApiException as exc:
+                if exc.status not in (404, 409, 422):
+                    raise
+        log.info(
+            "namespace being deleted: released its runs and pods",
+            namespace=ns,
+            runs=len(runs.get("items") or []),
+        )
 
     def forget(self, namespace: str, name: str) -> None:
         with self._lock:
@@ -258,15 +294,23 @@ class RunController:
             self.post_event(run, ev.type, ev.reason, ev.message)
 
     def create_all(self, objs: list[dict[str, Any]], owner_uid: str | None) -> None:
-        """The pod's supporting objects at once (they do not depend on each other), then the pod,
-        which needs them: a pod exists only once everything it uses does."""
-        support = [o for o in objs if o["kind"] != "Pod"]
-        futures = [self._creators.submit(self.ensure, o, owner_uid) for o in support]
-        for future in futures:
-            future.result()  # re-raises the first failure (the others still complete)
-        for obj in objs:
-            if obj["kind"] == "Pod":
-                self.ensure(obj, owner_uid)
+        """The pod's supporting objects, then the pod, which needs them: a pod exists only once
+        everything it uses does. The ConfigMap, ServiceAccount and Role go side by side; the
+        RoleBinding only once both the ServiceAccount and the Role are known to be this run's, so
+        a name held by someone else never gets a grant (nothing is bound to a stranger's Role or
+        for a stranger's ServiceAccount)."""
+        stage = {"ConfigMap": 0, "ServiceAccount": 0, "Role": 0, "RoleBinding": 1, "Pod": 2}
+        for level in (0, 1, 2):
+            batch = [o for o in objs if stage[o["kind"]] == level]
+            futures = [self._creators.submit(self.ensure, o, owner_uid) for o in batch]
+            errors = []
+            for future in futures:
+                try:
+                    future.result()
+                except CreateRefused as exc:
+                    errors.append(exc)
+            if errors:
+                raise errors[0]
 
     def _create(self, obj: dict[str, Any]) -> None:
         kind, ns = obj["kind"], obj["metadata"]["namespace"]

@@ -37,6 +37,8 @@ from fermata_operator.views import NodeView
 log = structlog.get_logger("fermata.handlers")
 RESOURCE = (contract.API_GROUP, contract.API_VERSION, contract.PLURAL)
 _WAKERS: dict[tuple[str, str], asyncio.Event] = {}
+#: kopf's finalizer on each TrainingRun (it keeps a run until its daemon has stopped).
+OPERATOR_FINALIZER = "fermata.dev/operator"
 
 
 class ReconcileGate:
@@ -82,7 +84,7 @@ def _controller(memo: Any) -> RunController:
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    settings.persistence.finalizer = "fermata.dev/operator"
+    settings.persistence.finalizer = OPERATOR_FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="fermata.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="fermata.dev", key="last-handled-configuration"
@@ -178,6 +180,22 @@ async def node_changed(*, name: str, type: str, body: kopf.Body, **kwargs: Any) 
     for key, store in index.items():
         if any((p.get("spec") or {}).get("nodeName") == name for p in store):
             _wake(*key)
+
+
+@kopf.on.event("", "v1", "namespaces")
+async def namespace_changed(*, name: str, body: kopf.Body, memo: Any, **_: Any) -> None:
+    """A namespace with runs is being deleted: let its runs and pods go (not interruptions)."""
+    if not (body.get("metadata") or {}).get("deletionTimestamp"):
+        return
+    keys = [k for k in _WAKERS if k[0] == name]
+    if not keys:
+        return
+    try:
+        await asyncio.to_thread(_controller(memo).let_namespace_go, name, OPERATOR_FINALIZER)
+    except ApiException as exc:
+        log.warning("namespace release failed", namespace=name, status=exc.status, message=api_message(exc))
+    for key in keys:
+        _wake(*key)
 
 
 @kopf.on.event(*RESOURCE)
