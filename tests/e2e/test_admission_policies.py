@@ -84,9 +84,7 @@ def helm_bin() -> Path:
 
 def test_status_guard_file_is_the_generated_one() -> None:
     on_disk = (CHART / "files" / "status-guard.yaml").read_text()
-    assert on_disk == crdgen.render_status_guard(), (
-        "run: python -m fermata_operator.crdgen"
-    )
+    assert on_disk == crdgen.render_status_guard(), "run: python -m fermata_operator.crdgen"
     rules = yaml.safe_load(on_disk)
     status = crdgen.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
     guarded = {r["message"].split(" ", 1)[0].removeprefix("status.") for r in rules}
