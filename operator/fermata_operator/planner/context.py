@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from fermata_api import TrainingRunSpec, TrainingRunStatus
+from fermata_api import TrainerState, TrainingRunSpec, TrainingRunStatus
 from fermata_api import conditions as cond
 from fermata_operator.planner.model import TRAINER_KEYS, Observed, Plan
 from fermata_operator.policies.effects import Event, Verdict
@@ -115,7 +115,7 @@ class Pass:
     def trainer_alive(self, pod: str) -> bool:
         """The trainer in this pod reported recently (so it will see a request in status)."""
         prog = self.st.progress
-        if prog is None or prog.pod_name != pod or prog.state.value == "Stopped":
+        if prog is None or prog.pod_name != pod or prog.state is TrainerState.stopped:
             return False
         age = (self.now - prog.heartbeat_time).total_seconds()
         return age <= 3 * self.settings.trainer_heartbeat_seconds
