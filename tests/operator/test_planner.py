@@ -808,7 +808,10 @@ def test_a_pod_seen_unstarted_is_released_only_if_a_fresh_read_agrees() -> None:
     pod = pod_for(r)
     pod["spec"]["nodeName"] = "spot-1"  # placed, and (as far as this view knows) never started
     pod["metadata"]["deletionTimestamp"] = iso(T0 + timedelta(seconds=5))
-    p = step(r, [pod], timedelta(seconds=10))
+    # Its kubelet may still start it: keep it while it is being deleted ...
+    assert step(r, [pod], timedelta(seconds=10)).release_finalizers == []
+    # ... until it cannot start any more (past the deletion deadline and the patience).
+    p = step(r, [pod], timedelta(seconds=40))
     assert "demo-0" in p.release_finalizers and p.release_if_unstarted == {"demo-0"}
     started = running(pod_for(r), "spot-1", T0)
     started["metadata"]["deletionTimestamp"] = iso(T0 + timedelta(seconds=5))

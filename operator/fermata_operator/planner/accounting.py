@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from fermata_operator.planner.context import Pass
 from fermata_operator.policies import cost, prices
-from fermata_operator.policies.pod_outcome import billing_end
+from fermata_operator.policies.pod_outcome import TERMINATING_PATIENCE_SECONDS, billing_end
 from fermata_operator.views import PodView
 
 
@@ -25,6 +25,15 @@ def _billing(p: Pass, pod: PodView) -> cost.PodBilling:
         start=start,
         end=billing_end(pod, outcome, p.node_missing(pod), p.now) if start else None,
     )
+
+
+def _never_started(p: Pass, pod: PodView) -> bool:
+    """A pod with no start can go without a span only once it cannot start any more: never
+    placed, or ended as its kubelet reports, or its node gone, or its kubelet silent past the
+    deletion deadline. A placed pod being deleted may still be started by its kubelet."""
+    if not pod.node_name or pod.phase in {"Succeeded", "Failed"} or p.node_missing(pod):
+        return True
+    return pod.deletion is not None and (p.now - pod.deletion).total_seconds() > TERMINATING_PATIENCE_SECONDS
 
 
 def account(p: Pass) -> None:
@@ -53,7 +62,7 @@ def account(p: Pass) -> None:
         )
     for pod, bill in zip(p.pods, bills, strict=True):
         gone = pod.deleting or p.outcomes[pod.name].ended
-        closed = pod.name in result.closed_pods or bill.start is None
+        closed = pod.name in result.closed_pods or (bill.start is None and _never_started(p, pod))
         if pod.has_cost_finalizer and gone and closed:
             p.release_finalizer(pod.name)
             if pod.name not in result.closed_pods:
