@@ -22,6 +22,18 @@ from fermata_dev.cluster import (
 )
 from fermata_dev.kubelet import DEFAULT_NODES, LocalKubelet
 
+# -- a miniature pretrained MusicGen in a Hugging Face cache ----------------------------------------
+
+
+@pytest.fixture(scope="session")
+def miniature(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """``facebook/musicgen-small`` + ``t5-base`` at miniature sizes, in a real HF cache
+    (:mod:`fermata_dev.hub`); copy it before changing it."""
+    from fermata_dev.hub import build_miniature_hub
+
+    return build_miniature_hub(tmp_path_factory.mktemp("hub") / "hf")
+
+
 # -- Kubernetes control plane ---------------------------------------------------------------------
 
 

@@ -144,6 +144,10 @@ class FaultProxy:
         self._sockets: set[socket.socket] = set()
         self._closed = threading.Event()
         self.counts: dict[str, int] = {"pass": 0, "drop": 0, "error": 0, "hang": 0}
+        #: Connections being forwarded now, and the most at once since :meth:`reset_peak` (how
+        #: many requests a client had in flight together: parallel multipart parts).
+        self.forwarding = 0
+        self.peak_forwarding = 0
         self._listener = socket.create_server((host, 0))
         self._listener.settimeout(0.2)
         self.port: int = self._listener.getsockname()[1]
@@ -207,6 +211,10 @@ class FaultProxy:
         if close_existing:
             self.close_connections()
 
+    def reset_peak(self) -> None:
+        with self._lock:
+            self.peak_forwarding = self.forwarding
+
     def close_connections(self) -> None:
         """Reset every open proxied connection."""
         with self._lock:
@@ -232,6 +240,11 @@ class FaultProxy:
         with self._lock:
             for s in socks:
                 self._sockets.discard(s)
+
+    def _count_forwarding(self, delta: int) -> None:
+        with self._lock:
+            self.forwarding += delta
+            self.peak_forwarding = max(self.peak_forwarding, self.forwarding)
 
     def _accept_loop(self) -> None:
         while not self._closed.is_set():
@@ -316,6 +329,7 @@ class FaultProxy:
             return
         upstream.settimeout(None)
         self._track(client, upstream)
+        self._count_forwarding(+1)
 
         def pump(src: socket.socket, dst: socket.socket) -> None:
             try:
@@ -336,6 +350,7 @@ class FaultProxy:
         back.start()
         pump(client, upstream)
         back.join()
+        self._count_forwarding(-1)
         self._untrack(client, upstream)
         for s in (client, upstream):
             with contextlib.suppress(OSError):

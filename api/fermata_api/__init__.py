@@ -10,6 +10,8 @@ from fermata_api.contract import (
     CONFIG_PATH,
     EXIT_CONFIG_ERROR,
     EXIT_STOPPED_WITH_CHECKPOINT,
+    ArtifactRef,
+    Artifacts,
     CheckpointRef,
     CheckpointRequest,
     EvaluationRequest,
@@ -37,6 +39,7 @@ from fermata_api.meta import (
 )
 from fermata_api.spec import (
     DEFAULT_PROXY_TAGS,
+    BestMetric,
     BudgetSpec,
     CapacityType,
     DatasetSource,
@@ -95,6 +98,9 @@ __all__ = [
     "TRAINER_FIELD_MANAGER",
     "AbortReport",
     "ApiModel",
+    "ArtifactRef",
+    "Artifacts",
+    "BestMetric",
     "BudgetSpec",
     "CapacityType",
     "CheckpointRef",

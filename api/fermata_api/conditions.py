@@ -21,6 +21,7 @@ COMPLETE = "Complete"
 FAILED = "Failed"
 READY = "Ready"  # summary used by `kubectl wait` and Argo CD
 TAMPERED = "Tampered"  # operator-owned status was rewritten by someone else (restored)
+CHECKPOINT_AT_RISK = "CheckpointAtRisk"  # the last checkpoint nearly filled the grace period
 
 
 def get(conditions: list[Condition], ctype: str) -> Condition | None:

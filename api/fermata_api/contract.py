@@ -7,8 +7,9 @@ This one module says what the trainer reads from its pod and what it writes back
   machine), plus a few environment variables (:class:`PodEnv`) that change per pod incarnation
   (which checkpoint to resume from, which pod this is).
 * **Out** — :class:`TrainerStatus`, the part of ``TrainingRun.status`` the trainer owns
-  (``status.progress`` and ``status.lastCheckpoint``). The trainer writes it with server-side
-  apply on the ``status`` subresource under the field manager :data:`TRAINER_FIELD_MANAGER`;
+  (``status.progress``, ``status.lastCheckpoint`` and ``status.artifacts``). The trainer writes
+  it with server-side apply on the ``status`` subresource under the field manager
+  :data:`TRAINER_FIELD_MANAGER`;
   the operator never writes these fields, and the trainer never writes any other, so neither
   can overwrite the other.
 * **Control** — :class:`TrainerControl`, written by the operator at ``status.control`` and read
@@ -132,6 +133,55 @@ class CheckpointRef(ApiModel):
     reason: str | None = Field(
         default=None, description="periodic, signal (SIGTERM), request (operator asked), final."
     )
+    duration_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Wall seconds the checkpoint took, from serialising the state to the manifest's "
+            "upload (absent for checkpoints written before this was recorded)."
+        ),
+    )
+    size_bytes: int | None = Field(
+        default=None, ge=0, description="Total size of the checkpoint's objects in bytes."
+    )
+
+
+class ArtifactRef(ApiModel):
+    """An export of the fine-tuned model in audiocraft's release format (``state_dict.bin``,
+    ``compression_state_dict.bin``) with its ``model_card.json``, written last: the card lists
+    every file's sha256 and size, and the card's own sha256 is the export's digest."""
+
+    uri: str = Field(
+        description=(
+            "URI of the export folder (<storage.checkpoints>/exports/step-<9 digits>); "
+            "MusicGen.get_pretrained(<local copy of it>) loads it, and model.base of another "
+            "run accepts it."
+        )
+    )
+    step: int = Field(ge=0, description="Optimizer step of the exported weights.")
+    metric: str = Field(
+        description="The metric the best export is chosen by (evaluation.bestMetric): validationLoss or authenticity."
+    )
+    value: float | None = Field(
+        default=None, description="That metric at this step (absent when the evaluation had none)."
+    )
+    digest: str = Field(description="sha256 of the export's model_card.json (sha256:<hex>).")
+    time: datetime = Field(description="When the model card was written.")
+
+
+class Artifacts(ApiModel):
+    """The deployable exports of the run (``status.artifacts``)."""
+
+    best: ArtifactRef | None = Field(
+        default=None,
+        description=(
+            "The export at the evaluation with the best evaluation.bestMetric so far (an earlier "
+            "best export is deleted once a better one is written)."
+        ),
+    )
+    final: ArtifactRef | None = Field(
+        default=None, description="The export written when the run completed its planned steps."
+    )
 
 
 class TrainerState(str, Enum):
@@ -167,7 +217,18 @@ class TrainerProgress(ApiModel):
     authenticity_components: dict[str, float] | None = Field(
         default=None, description="The parts the authenticity score was built from."
     )
-    samples_per_second: float | None = Field(default=None, description="Training throughput.")
+    samples_per_second: float | None = Field(
+        default=None, description="Training throughput: samples per second over all ranks."
+    )
+    precision: str | None = Field(
+        default=None,
+        description="What the forward pass runs in: bf16 or fp16 autocast over float32 weights, or fp32.",
+    )
+    precision_reason: str | None = Field(
+        default=None,
+        description="Why that precision (training.precision and the device, e.g. its CUDA compute "
+        "capability); fp16 comes with a gradient scaler.",
+    )
     gpu_utilization: float | None = Field(
         default=None, ge=0, le=1, description="Mean GPU utilisation since the last report (NVML)."
     )
@@ -189,6 +250,7 @@ class TrainerStatus(ApiModel):
 
     progress: TrainerProgress
     last_checkpoint: CheckpointRef | None = None
+    artifacts: Artifacts | None = None
 
     def apply_body(self) -> dict[str, Any]:
         return {

@@ -80,8 +80,11 @@ class ModelSpec(ApiModel):
         default="facebook/musicgen-small",
         min_length=1,
         description=(
-            "Hugging Face id (facebook/musicgen-small, -medium, -large, -melody) or a local "
-            "path or s3:// URI of a MusicGen checkpoint directory."
+            "Hugging Face id (facebook/musicgen-small, -medium, -large, -melody), or a local "
+            "path or s3:// URI of a folder in audiocraft's release format (state_dict.bin + "
+            "compression_state_dict.bin: e.g. another run's status.artifacts export) or of a "
+            "mirror staged by `fermata-train stage-models` (loaded without the Hub). The first "
+            "pod mirrors it into <storage.checkpoints>/model/ for the run's later pods."
         ),
     )
 
@@ -159,6 +162,7 @@ class Precision(str, Enum):
     auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
+    fp16 = "fp16"
 
 
 class TrainingSpec(ApiModel):
@@ -195,8 +199,18 @@ class TrainingSpec(ApiModel):
     seed: int = Field(default=1234, ge=0, description="Seed for data order, dropout and sampling.")
     precision: Precision = Field(
         default=Precision.auto,
-        description="auto: bf16 autocast on GPU with float32 weights, float32 on CPU.",
+        description=(
+            "Autocast over float32 weights. auto: bf16 on CUDA compute capability >= 8.0 (A10G, "
+            "L4, A100, H100), fp16 with a gradient scaler below it (T4, V100), float32 on CPU. "
+            "fp16: fp16 with a gradient scaler anywhere. bf16: CPU or CUDA >= 8.0 only (an "
+            "older GPU fails the run as a configuration error). fp32: no autocast."
+        ),
     )
+
+
+class BestMetric(str, Enum):
+    validation_loss = "validationLoss"
+    authenticity = "authenticity"
 
 
 class EvaluationSpec(ApiModel):
@@ -219,6 +233,16 @@ class EvaluationSpec(ApiModel):
         description=(
             "Optional local path or s3:// URI of reference clips (a folder of audio files); "
             "defaults to the training subset."
+        ),
+    )
+    best_metric: BestMetric = Field(
+        default=BestMetric.validation_loss,
+        description=(
+            "What makes an evaluation the best so far, whose weights the trainer exports "
+            "(status.artifacts.best, in audiocraft's release format): validationLoss (lower is "
+            "better) or authenticity (higher is better; an evaluation without an authenticity "
+            "score never becomes the best). The final weights are exported too "
+            "(status.artifacts.final)."
         ),
     )
 

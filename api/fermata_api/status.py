@@ -1,5 +1,5 @@
-"""``TrainingRun.status``: what the operator (and, for progress and lastCheckpoint, the trainer)
-observed and decided."""
+"""``TrainingRun.status``: what the operator (and, for progress, lastCheckpoint and artifacts, the
+trainer) observed and decided."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import ConfigDict, Field
 
 from fermata_api.base import ApiModel
-from fermata_api.contract import CheckpointRef, TrainerControl, TrainerProgress
+from fermata_api.contract import Artifacts, CheckpointRef, TrainerControl, TrainerProgress
 
 
 class Phase(str, Enum):
@@ -189,7 +189,7 @@ class AbortReport(ApiModel):
 
 
 class TrainingRunStatus(ApiModel):
-    """Observed state, written by the operator (and progress/lastCheckpoint by the trainer)."""
+    """Observed state, written by the operator (and progress/lastCheckpoint/artifacts by the trainer)."""
 
     model_config = ConfigDict(
         alias_generator=ApiModel.model_config.get("alias_generator"),
@@ -228,6 +228,14 @@ class TrainingRunStatus(ApiModel):
     progress: TrainerProgress | None = Field(default=None, description="Trainer's report.")
     last_checkpoint: CheckpointRef | None = Field(
         default=None, description="Newest verified checkpoint; the next pod resumes from it."
+    )
+    artifacts: Artifacts | None = Field(
+        default=None,
+        description=(
+            "The deployable exports (written by the trainer): best (the evaluation with the best "
+            "evaluation.bestMetric) and final (at completion), each a folder in audiocraft's "
+            "release format that MusicGen.get_pretrained loads."
+        ),
     )
     control: TrainerControl | None = Field(default=None, description="Operator → trainer requests.")
     idle_tracking: IdleTracking | None = Field(default=None, description="Idle policy clocks.")

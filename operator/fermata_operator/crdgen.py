@@ -159,8 +159,8 @@ def build_crd() -> dict[str, Any]:
     _strip_required_with_defaults(status)
     spec["description"] = api.TrainingRunSpec.__doc__ or ""
     status["description"] = (
-        "Observed state. The operator writes everything except progress and lastCheckpoint, "
-        "which the trainer writes with server-side apply (field manager fermata-trainer)."
+        "Observed state. The operator writes everything except progress, lastCheckpoint and "
+        "artifacts, which the trainer writes with server-side apply (field manager fermata-trainer)."
     )
     root: dict[str, Any] = {
         "type": "object",

@@ -194,3 +194,97 @@ def test_no_go_gate_stops_the_real_trainer_and_writes_the_abort_report(
     wait_for(
         lambda: runs.status("nogo")["progress"].get("stopReportUri") == uri, timeout=60, what="trainer ack"
     )
+
+
+def test_pretrained_musicgen_small_to_deployable_exports(
+    runs: Runs,
+    operator_factory: Any,
+    kubelet: LocalKubelet,
+    s3_server: Any,  # noqa: F811
+    tmp_path: Path,
+    miniature: Any,
+) -> None:
+    """``model.base: facebook/musicgen-small`` through the production loading path: the node's
+    Hugging Face cache holds the (miniature) model and T5 encoder, the Hub is off. The first pod
+    mirrors the model into the run's storage; after a spot reclaim the second pod, with an empty
+    cache, loads it from there. The run ends Succeeded with best and final exports that
+    ``MusicGen.get_pretrained`` loads and ``generate`` turns into audio."""
+    import shutil
+
+    bucket, data = real_trainer_setup(runs, kubelet, s3_server, tmp_path, "pretrained", 10, (2.5, 3.0))
+    node_cache = tmp_path / "node-hf" / "hub"
+    shutil.copytree(miniature.hub_cache, node_cache, symlinks=True)
+    # the first pod's node has the model cached; HF_HUB_CACHE wins over the pod's HF_HOME
+    kubelet.extra_env.update({"HF_HUB_CACHE": str(node_cache), "HF_HUB_OFFLINE": "1"})
+    try:
+        operator_factory(runs.ns, FERMATA_TRAINER_HEARTBEAT_SECONDS="1")
+        runs.create(
+            "pre",
+            spec(
+                model={"base": "facebook/musicgen-small"},
+                dataset={"uri": data, "minTags": 3, "segmentSeconds": 2.0, "validationFraction": 0.25},
+                training={
+                    "epochs": 40,
+                    "maxSteps": 24,
+                    "batchSize": 4,
+                    "learningRate": 0.003,
+                    "warmupSteps": 3,
+                    "checkpointEverySteps": 4,
+                    "evaluateEverySteps": 8,
+                },
+                evaluation={"clipSeconds": 1.0},
+                storage={"checkpoints": f"s3://{bucket}/runs/pre/", "credentialsSecret": "s3-creds"},
+                idle={"timeout": "5m", "minGpuUtilization": 0.0},
+                failures={"maxRetries": 0},
+                spot={"backoffSeconds": 1},
+            ),
+        )
+        wait_for(
+            lambda: (s := runs.status("pre")).get("lastCheckpoint") and s["lastCheckpoint"]["step"] >= 4,
+            timeout=300,
+            what="a checkpoint at step >= 4",
+        )
+        # the next pod lands on a node with an empty cache (and still no Hub)
+        kubelet.extra_env["HF_HUB_CACHE"] = str(tmp_path / "empty-node-hf" / "hub")
+        kubelet.evict(runs.ns, "pre-0")
+        st = wait_for(
+            lambda: (s := runs.status("pre")).get("phase") in {"Succeeded", "Failed"} and s,
+            timeout=600,
+            what="completion",
+        )
+    finally:
+        for key in ("HF_HUB_CACHE", "HF_HUB_OFFLINE"):
+            kubelet.extra_env.pop(key, None)
+    first, second = kubelet.logs(runs.ns, "pre-0"), kubelet.logs(runs.ns, "pre-1")
+    assert st["phase"] == "Succeeded", (st.get("message"), second[-3000:])
+    assert '"origin": "hub"' in first and "model_mirrored" in first
+    assert "model_restored_from_mirror" in second and "hub_fetched" not in second
+    assert st["progress"]["step"] == 24
+
+    artifacts = st["artifacts"]
+    assert artifacts["final"]["step"] == 24
+    assert artifacts["best"]["metric"] == "validationLoss"
+    import torch
+    from audiocraft.models import MusicGen
+
+    client = s3_server.client()
+    for which in ("best", "final"):
+        prefix = artifacts[which]["uri"].removeprefix(f"s3://{bucket}/").rstrip("/")
+        local = tmp_path / "exports" / which
+        local.mkdir(parents=True)
+        for name in ("state_dict.bin", "compression_state_dict.bin", "model_card.json"):
+            client.download_file(bucket, f"{prefix}/{name}", str(local / name))
+        card = json.loads((local / "model_card.json").read_text())
+        assert card["base"] == "facebook/musicgen-small"
+        from huggingface_hub import constants
+
+        saved = (constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE)
+        constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = str(node_cache), True
+        try:
+            model = MusicGen.get_pretrained(str(local), device="cpu")
+        finally:
+            constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = saved
+        model.set_generation_params(duration=0.5)
+        with torch.no_grad():
+            audio = model.generate(["soulful amapiano piano"])
+        assert audio.shape == (1, 1, 16000)

@@ -818,3 +818,41 @@ def test_a_pod_seen_unstarted_is_released_only_if_a_fresh_read_agrees() -> None:
     ended = terminated(started, 0, T0 + timedelta(seconds=6), phase="Failed")
     p = step(run(), [ended], timedelta(seconds=10))
     assert "demo-0" in p.release_finalizers and p.release_if_unstarted == set()  # billed: no re-check
+
+
+def test_a_checkpoint_that_nearly_fills_the_grace_period_raises_checkpoint_at_risk() -> None:
+    r = run(resources={"terminationGracePeriodSeconds": 150})
+    step(r, [], timedelta(0))
+    pod = running(pod_for(r), "spot-1", T0)
+
+    def checkpoint(at_step: int, seconds: float) -> None:
+        at = T0 + timedelta(minutes=at_step // 10 - 10)
+        r["status"]["progress"] = progress(at_step, 1000, at)
+        r["status"]["lastCheckpoint"] = {
+            "uri": f"s3://ml-runs/demo/checkpoints/step-{at_step:09d}/manifest.json",
+            "step": at_step,
+            "digest": "sha256:0123",
+            "time": iso(at),
+            "durationSeconds": seconds,
+            "sizeBytes": 5_040_000_000,
+        }
+
+    checkpoint(400, 131.0)
+    p = step(r, [pod], timedelta(minutes=30))
+    c = cond(r, "CheckpointAtRisk")
+    assert c["status"] == "True" and c["reason"] == "CheckpointNearGracePeriod"
+    assert "took 131.0 s of the 150 s grace period (87%)" in c["message"]
+    assert [e.reason for e in p.events if e.type == "Warning"] == ["CheckpointAtRisk"]
+    assert r["status"]["phase"] == "Running" and not p.stop_pods  # a warning, not a stop
+    # still slow: the condition stays, no second Event
+    checkpoint(500, 140.0)
+    p = step(r, [pod], timedelta(minutes=40))
+    assert cond(r, "CheckpointAtRisk")["status"] == "True"
+    assert all(e.reason != "CheckpointAtRisk" for e in p.events)
+    # a fast checkpoint again lifts it
+    checkpoint(600, 25.0)
+    step(r, [pod], timedelta(minutes=50))
+    assert r["status"]["phase"] == "Running"
+    c = cond(r, "CheckpointAtRisk")
+    assert c["status"] == "False" and c["reason"] == "WithinGracePeriod"
+    assert c["lastTransitionTime"] == iso(T0 + timedelta(minutes=50))

@@ -113,3 +113,67 @@ def test_s3_checkpoint_store(s3_server: S3Server, tmp_path: Path) -> None:
         secret_key=s3_server.secret_key,
     )
     _exercise_store(S3Storage(bucket, "runs/r1", client=client), tmp_path)
+
+
+def _exercise_timing(storage: Storage, tmp_path: Path) -> None:
+    store = CheckpointStore(storage, keep_last=2, local_dir=tmp_path / "local")
+    ref = store.write(10, 1, "signal", _files(tmp_path, 10), serialize_seconds=1.25)
+    manifest = json.loads(storage.read_text("checkpoints/step-000000010/manifest.json"))
+    # what the operator holds against the grace period: serialising plus the whole upload
+    assert manifest["sizeBytes"] == ref.size_bytes == 3000 + 5000 + 200
+    assert manifest["serializeSeconds"] == 1.25
+    assert manifest["uploadSeconds"] >= 0
+    assert manifest["durationSeconds"] == pytest.approx(1.25 + manifest["uploadSeconds"], abs=0.002)
+    # the ref counts the manifest's own upload too, so it is never shorter than the manifest says
+    assert ref.duration_seconds is not None
+    assert manifest["durationSeconds"] <= ref.duration_seconds < 1.25 + 30
+    wire = ref.wire()
+    assert wire["durationSeconds"] == ref.duration_seconds and wire["sizeBytes"] == 8200
+    # resumed in a fresh process: the figures come back from the manifest
+    verified = CheckpointStore(storage, 2, tmp_path / "fresh").resolve_resume(
+        ref.uri, expected_digest=ref.digest
+    )
+    assert verified is not None
+    assert verified.ref.duration_seconds == manifest["durationSeconds"]
+    assert verified.ref.size_bytes == 8200
+
+
+def test_checkpoint_records_duration_and_size_local(tmp_path: Path) -> None:
+    _exercise_timing(LocalStorage(tmp_path / "storage"), tmp_path)
+
+
+def test_checkpoint_records_duration_and_size_s3(s3_server: S3Server, tmp_path: Path) -> None:
+    bucket = s3_server.make_bucket("trainer-checkpoint-timing")
+    client = make_s3_client(
+        endpoint_url=s3_server.endpoint_url,
+        region=s3_server.region,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+    )
+    _exercise_timing(S3Storage(bucket, "runs/r1", client=client), tmp_path)
+
+
+@pytest.mark.parametrize("recorded", [None, "not a number", -3.0])
+def test_a_manifest_without_timings_still_resolves(tmp_path: Path, recorded: object) -> None:
+    """A checkpoint written before durations were recorded (or with a nonsense one) still
+    verifies and resumes: its duration is unknown, its size is what its objects add up to."""
+    storage = LocalStorage(tmp_path / "storage")
+    store = CheckpointStore(storage, keep_last=2, local_dir=tmp_path / "local")
+    store.write(20, 2, "periodic", _files(tmp_path, 20))
+    key = "checkpoints/step-000000020/manifest.json"
+    old = json.loads(storage.read_text(key))
+    for field in ("sizeBytes", "serializeSeconds", "uploadSeconds", "durationSeconds"):
+        del old[field]
+    if recorded is not None:
+        old["durationSeconds"] = recorded
+    body = json.dumps(old, indent=2, sort_keys=True).encode()
+    storage.put_bytes(key, body)
+
+    fresh = CheckpointStore(storage, keep_last=2, local_dir=tmp_path / "fresh")
+    verified = fresh.resolve_resume(fresh.manifest_uri(20), expected_digest=f"sha256:{sha256_bytes(body)}")
+    assert verified is not None and verified.step == 20
+    assert verified.ref.duration_seconds is None
+    assert verified.ref.size_bytes == 8200
+    assert "durationSeconds" not in verified.ref.wire()
+    latest = CheckpointStore(storage, 2, tmp_path / "latest").latest_verified()
+    assert latest is not None and latest.ref.duration_seconds is None

@@ -14,6 +14,7 @@ from fermata_dev.synthetic import SyntheticMtat
 from fermata_trainer.audio_io import decode_count
 from fermata_trainer.codes_cache import INDEX_NAME, CodesCache, split_into_segments
 from fermata_trainer.dataset import AudioFetcher, prepare_dataset
+from fermata_trainer.errors import TrainerConfigError
 from fermata_trainer.model_loading import build_tiny_musicgen, parse_tiny
 from fermata_trainer.storage import LocalStorage
 
@@ -31,6 +32,18 @@ def test_segments_pad_and_mask_short_clips() -> None:
     assert [n for _, n in split_into_segments(codes[:, :65], 50)] == [50]  # 15-frame tail dropped
     assert [n for _, n in split_into_segments(codes[:, :20], 50)] == [20]  # short clip: kept
     assert parse_tiny("tiny://seed=3,layers=1").layers == 1
+
+
+def test_tiny_dropout_parameter() -> None:
+    assert parse_tiny("tiny://seed=0").dropout == 0.1
+    assert parse_tiny("tiny://seed=0,dropout=0").dropout == 0.0
+    assert parse_tiny("tiny://dropout=0.25").dropout == 0.25
+    with pytest.raises(TrainerConfigError, match="dropout must be a number"):
+        parse_tiny("tiny://dropout=none")
+    with pytest.raises(TrainerConfigError, match=r"dropout must be in \[0, 1\)"):
+        parse_tiny("tiny://dropout=1")
+    with pytest.raises(TrainerConfigError, match="layers must be an integer"):
+        parse_tiny("tiny://layers=1.5")
 
 
 def test_codes_cached_once_and_reused(tmp_path: Path, mtat: SyntheticMtat) -> None:

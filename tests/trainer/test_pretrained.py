@@ -23,18 +23,13 @@ from pathlib import Path
 import pytest
 
 from fermata_api import EXIT_CONFIG_ERROR
-from fermata_dev.hub import MUSICGEN_SMALL, MiniatureHub, build_miniature_hub, remove_tokenizer
+from fermata_dev.hub import MUSICGEN_SMALL, MiniatureHub, remove_tokenizer
 from fermata_dev.synthetic import SyntheticMtat
 from tests.s3_fixture import S3Server
 from tests.trainer.conftest import ConfigFactory
 from tests.trainer.helpers import log_events, run_trainer, step_losses, trainer_env, write_config
 
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture(scope="session")
-def miniature(tmp_path_factory: pytest.TempPathFactory) -> MiniatureHub:
-    return build_miniature_hub(tmp_path_factory.mktemp("hub") / "hf")
 
 
 @pytest.fixture

@@ -9,8 +9,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
-from fermata_api import EXIT_CONFIG_ERROR, EXIT_STOPPED_WITH_CHECKPOINT, TrainerConfig
+from fermata_api import EXIT_CONFIG_ERROR, EXIT_STOPPED_WITH_CHECKPOINT, Precision, TrainerConfig
 from fermata_dev.synthetic import SyntheticMtat
 from fermata_trainer import cli
 from fermata_trainer.checkpoints import CheckpointStore
@@ -30,7 +31,7 @@ pytestmark = [pytest.mark.trainer, pytest.mark.slow]
 TOTAL = 60
 
 
-def _config(tmp_path: Path, mtat: SyntheticMtat, name: str) -> Path:
+def _config(tmp_path: Path, mtat: SyntheticMtat, name: str, precision: Precision = Precision.auto) -> Path:
     config = tiny_config(
         mtat.root,
         tmp_path / name / "storage",
@@ -39,17 +40,23 @@ def _config(tmp_path: Path, mtat: SyntheticMtat, name: str) -> Path:
         checkpoint_every=25,
         keep_last=2,
         cache_uri=str(tmp_path / "shared-code-cache"),
+        precision=precision,
     )
     return write_config(config, tmp_path / f"{name}.json")
 
 
-def test_sigterm_checkpoint_then_exact_resume(tmp_path: Path, mtat: SyntheticMtat) -> None:
-    reference = run_trainer(_config(tmp_path, mtat, "reference"))
+# fp16 (autocast with a gradient scaler, on the CPU here): the scaler's state is in the
+# checkpoint, so the resumed run continues with the same loss scale and replays exactly too.
+@pytest.mark.parametrize("precision", [Precision.auto, Precision.fp16])
+def test_sigterm_checkpoint_then_exact_resume(
+    tmp_path: Path, mtat: SyntheticMtat, precision: Precision
+) -> None:
+    reference = run_trainer(_config(tmp_path, mtat, "reference", precision))
     assert reference.returncode == 0, reference.stderr[-3000:]
     expected = step_losses(reference.stdout)
     assert sorted(expected) == list(range(1, TOTAL + 1))
 
-    config_path = _config(tmp_path, mtat, "spot")
+    config_path = _config(tmp_path, mtat, "spot", precision)
     stderr = (tmp_path / "spot.stderr").open("w")
     proc = subprocess.Popen(
         train_command(config_path),
@@ -79,6 +86,11 @@ def test_sigterm_checkpoint_then_exact_resume(tmp_path: Path, mtat: SyntheticMta
     verified = CheckpointStore(storage, 2, tmp_path / "verify").latest_verified()
     assert verified is not None and verified.step == stop_step
     assert verified.manifest["reason"] == "signal"
+    state = torch.load(verified.files["state.pt"], weights_only=True)
+    expected_precision = "fp16" if precision is Precision.fp16 else "fp32"
+    assert state["precision"] == expected_precision
+    assert (state["scaler"]["scale"] > 0) if precision is Precision.fp16 else state["scaler"] == {}
+    assert log_events(first, "precision_chosen")[0]["precision"] == expected_precision
     assert log_events(first, "codes_cache_hit")  # tokenized once, by the reference run
 
     resumed = run_trainer(config_path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +18,13 @@ from fermata_trainer.storage import (
     RetryPolicy,
     S3Storage,
     Storage,
+    TransferSettings,
     is_transient,
     make_s3_client,
     open_storage,
     retry_call,
 )
-from tests.s3_fixture import S3Server
+from tests.s3_fixture import FaultProxy, S3Server
 
 pytestmark = pytest.mark.trainer
 
@@ -197,3 +200,46 @@ def test_s3_upload_file_retries_through_server_faults(s3_server: S3Server, tmp_p
     finally:
         proxy.passthrough()
     assert storage.get_bytes("step/lm.pt") == src.read_bytes()
+
+
+def _in_flight(proxy: FaultProxy, fn: Callable[[], None]) -> int:
+    """The most requests ``fn`` had in flight at once through the proxy."""
+    proxy.reset_peak()
+    fn()
+    return proxy.peak_forwarding
+
+
+# in flight at once: one stream has one request (and at most the one before still closing)
+@pytest.mark.parametrize(("concurrency", "fewest", "most"), [(4, 3, 4 + 1), (1, 1, 2)])
+def test_s3_large_files_move_as_parallel_multipart_transfers(
+    s3_server: S3Server, tmp_path: Path, concurrency: int, fewest: int, most: int
+) -> None:
+    """A file over the threshold goes up in parts (a multipart ETag ``<md5>-<parts>``), several in
+    flight at once with ``max_concurrency`` > 1, and comes down in parallel ranges, intact."""
+    bucket = s3_server.make_bucket(f"trainer-multipart-{concurrency}")
+    mib = 1024 * 1024
+    transfer = TransferSettings(multipart_threshold=5 * mib, chunk_size=5 * mib, max_concurrency=concurrency)
+    client = _s3_storage(s3_server, bucket, "", faults=True).client
+    storage = S3Storage(bucket, "ckpt", client=client, retry=FAST_RETRY, transfer=transfer)
+    assert storage.child("step").transfer == transfer
+    src = tmp_path / "optimizer.pt"
+    src.write_bytes(os.urandom(4 * 5 * mib + 123))  # 4 full parts and a short fifth
+    copy = tmp_path / "copy.pt"
+    proxy = s3_server.faults
+    try:
+        proxy.latency(0.002)  # every part takes a moment, so parallel parts overlap
+        up = _in_flight(proxy, lambda: storage.upload_file(src, "step/optimizer.pt"))
+        down = _in_flight(proxy, lambda: storage.download_file("step/optimizer.pt", copy))
+    finally:
+        proxy.passthrough()
+    etag = s3_server.client().head_object(Bucket=bucket, Key="ckpt/step/optimizer.pt")["ETag"]
+    assert etag.strip('"').endswith("-5")
+    assert copy.read_bytes() == src.read_bytes()
+    assert fewest <= up <= most and fewest <= down <= most, (up, down)
+
+
+def test_transfer_settings_defaults_are_parallel_multipart() -> None:
+    config = TransferSettings().config()
+    assert config.max_concurrency == 16 and config.use_threads
+    assert config.multipart_threshold == config.multipart_chunksize == 64 * 1024 * 1024
+    assert TransferSettings(max_concurrency=1).config().use_threads is False

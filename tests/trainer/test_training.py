@@ -55,6 +55,10 @@ def test_loss_falls_and_run_leaves_its_artifacts(tmp_path: Path, make_config: Co
     assert ckpt is not None and ckpt.step == 40 and ckpt.reason == "final"
     assert ckpt.digest.startswith("sha256:") and ckpt.uri.endswith("step-000000040/manifest.json")
     assert _checkpoint_steps(storage) == [40]  # keep 1: periodic 15 and 30 were pruned
+    manifest = json.loads(storage.read_text("checkpoints/step-000000040/manifest.json"))
+    assert manifest["serializeSeconds"] > 0  # torch.save of the state, timed by the trainer
+    assert ckpt.duration_seconds is not None and ckpt.duration_seconds >= manifest["durationSeconds"]
+    assert ckpt.size_bytes == manifest["sizeBytes"] == sum(o["size"] for o in manifest["objects"])
     metrics = json.loads(storage.read_text("checkpoints/step-000000040/metrics.json"))
     evaluations = metrics["evaluations"]
     assert [e["step"] for e in evaluations] == [0, 20, 40]

@@ -10,10 +10,17 @@ Layout::
 
 A checkpoint exists only once its ``manifest.json`` does; the manifest lists every object with
 its sha256 and size, and the manifest's own sha256 is the checkpoint's digest
-(``sha256:<hex>`` in ``status.lastCheckpoint``). "Latest" is the newest checkpoint whose objects
-all verify; a checkpoint with a missing manifest, a missing object or a digest mismatch is
-skipped with a warning for the one before it. Pruning keeps the newest ``keepLast`` intact
-checkpoints and never deletes the newest one known to verify.
+(``sha256:<hex>`` in ``status.lastCheckpoint``). The manifest also records how long the
+checkpoint took (``serializeSeconds`` writing the files locally, ``uploadSeconds`` hashing and
+uploading them, ``durationSeconds`` both) and its ``sizeBytes``; ``status.lastCheckpoint``
+carries ``durationSeconds`` (there including the manifest's own upload) and ``sizeBytes``, which
+the operator holds against the pod's grace period (the ``CheckpointAtRisk`` condition). Manifests
+from before these were recorded still verify: the duration is then unknown.
+
+"Latest" is the newest checkpoint whose objects all verify; a checkpoint with a missing
+manifest, a missing object or a digest mismatch is skipped with a warning for the one before it.
+Pruning keeps the newest ``keepLast`` intact checkpoints and never deletes the newest one known to
+verify.
 
 One run per prefix: before it writes anything the trainer claims ``storage.checkpoints`` with
 ``<storage>/.fermata/owner.json`` (uid, namespace, name and time of its TrainingRun), created
@@ -30,6 +37,7 @@ digest the operator expects (``FERMATA_RESUME_DIGEST``) and, unless the user cho
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import time
@@ -100,6 +108,23 @@ def describe_run(recorded: dict[str, Any]) -> str:
     if uid:
         return f"{who} (uid {uid})"
     return f"{who} (no uid: run outside Kubernetes)" if name else who
+
+
+def _timing(serialize_seconds: float, upload_seconds: float) -> dict[str, float]:
+    """A checkpoint's seconds as its manifest records them (milliseconds)."""
+    return {
+        "serializeSeconds": round(serialize_seconds, 3),
+        "uploadSeconds": round(upload_seconds, 3),
+        "durationSeconds": round(serialize_seconds + upload_seconds, 3),
+    }
+
+
+def _seconds(value: Any) -> float | None:
+    """A recorded duration, or None where a manifest has none (written before they were
+    recorded) or something that is not a non-negative number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) and value >= 0 else None
 
 
 def normalize_digest(digest: str) -> str:
@@ -254,17 +279,20 @@ class CheckpointStore:
         reason: str,
         files: dict[str, Path],
         extra: dict[str, Any] | None = None,
+        serialize_seconds: float = 0.0,
     ) -> CheckpointRef:
-        """Upload ``files`` (name → local path), then the manifest that makes them a checkpoint."""
+        """Upload ``files`` (name → local path), then the manifest that makes them a checkpoint.
+
+        ``serialize_seconds``: how long the caller took to write ``files``; the checkpoint's
+        duration is that plus this upload, through the manifest's.
+        """
+        started = time.monotonic()
         prefix = self.dir_key(step)
         # a stale manifest from an earlier incarnation at the same step must not vouch for
         # objects that are about to be replaced
         self.storage.delete(f"{prefix}/{MANIFEST_NAME}")
-        objects: list[dict[str, Any]] = []
-        for name in sorted(files):
-            path = files[name]
-            objects.append({"name": name, "sha256": sha256_file(path), "size": path.stat().st_size})
-            self.storage.upload_file(path, f"{prefix}/{name}")
+        objects = self._upload_objects(prefix, files)
+        size = sum(int(o["size"]) for o in objects)
         now = datetime.now(UTC)
         manifest = {
             "formatVersion": CHECKPOINT_FORMAT_VERSION,
@@ -273,12 +301,15 @@ class CheckpointStore:
             "reason": reason,
             "time": now.isoformat(),
             "objects": objects,
+            "sizeBytes": size,
+            **_timing(serialize_seconds, time.monotonic() - started),
             **(extra or {}),
         }
         if self.owner is not None:
             manifest["run"] = run_identity(self.owner)
         body = json.dumps(manifest, indent=2, sort_keys=True).encode()
         self.storage.put_bytes(f"{prefix}/{MANIFEST_NAME}", body)
+        timing = _timing(serialize_seconds, time.monotonic() - started)
         self.known_good.add(step)
         self.known_bad.discard(step)
         self.known_foreign.discard(step)
@@ -289,6 +320,8 @@ class CheckpointStore:
             digest=f"sha256:{sha256_bytes(body)}",
             time=now,
             reason=reason,
+            duration_seconds=timing["durationSeconds"],
+            size_bytes=size,
         )
         log.info(
             "checkpoint_written",
@@ -297,9 +330,21 @@ class CheckpointStore:
             reason=reason,
             uri=ref.uri,
             digest=ref.digest,
-            bytes=sum(int(o["size"]) for o in objects),
+            bytes=size,
+            serialize_seconds=timing["serializeSeconds"],
+            upload_seconds=timing["uploadSeconds"],
+            duration_seconds=timing["durationSeconds"],
         )
         return ref
+
+    def _upload_objects(self, prefix: str, files: dict[str, Path]) -> list[dict[str, Any]]:
+        """Hash and upload every file under ``prefix``: the manifest's ``objects``."""
+        objects: list[dict[str, Any]] = []
+        for name in sorted(files):
+            path = files[name]
+            objects.append({"name": name, "sha256": sha256_file(path), "size": path.stat().st_size})
+            self.storage.upload_file(path, f"{prefix}/{name}")
+        return objects
 
     # ------------------------------------------------------------------ reading
 
@@ -390,6 +435,8 @@ class CheckpointStore:
             digest=f"sha256:{sha256_bytes(body)}",
             time=parse_time(manifest.get("time")) or datetime.now(UTC),
             reason=manifest.get("reason"),
+            duration_seconds=_seconds(manifest.get("durationSeconds")),
+            size_bytes=sum(local.stat().st_size for local in files.values()),
         )
         return "", VerifiedCheckpoint(ref=ref, manifest=manifest, files=files)
 
@@ -423,6 +470,7 @@ class CheckpointStore:
         other = open_storage(base, s3_client=client)
         if isinstance(other, S3Storage) and isinstance(self.storage, S3Storage):
             other.retry = self.storage.retry
+            other.transfer = self.storage.transfer
         return CheckpointStore(other, self.keep_last, self.local_dir / "resume-source", self.owner), step
 
     def resolve_resume(

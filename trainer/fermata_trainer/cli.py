@@ -2,6 +2,7 @@
 
     fermata-train run [--config PATH] [--model tiny://seed=0]
     fermata-train prepare [--config PATH]
+    fermata-train stage-models --to s3://bucket/models [--model facebook/musicgen-small]
     fermata-train tiny-config --data DIR --storage DIR
 
 ``run`` reads the config from ``--config``, else ``$FERMATA_CONFIG``, else
@@ -209,6 +210,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stage_models(args: argparse.Namespace) -> int:
+    from fermata_trainer.model_loading import STAGED_MODELS, stage_model
+    from fermata_trainer.storage import open_storage
+
+    destination = open_storage(args.to)
+    staged = {model: stage_model(model, destination) for model in (args.model or STAGED_MODELS)}
+    for model, uri in staged.items():
+        print(f"{model}\t{uri.removesuffix('/mirror.json')}", flush=True)
+    return 0
+
+
 def cmd_tiny_config(args: argparse.Namespace) -> int:
     config = tiny_config(
         args.data,
@@ -236,6 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--config", help="trainer.json (default: $FERMATA_CONFIG)")
     prepare.add_argument("--rebuild", action="store_true", help="ignore an existing manifest and scan again")
     prepare.set_defaults(func=cmd_prepare)
+
+    stage = sub.add_parser(
+        "stage-models",
+        help="copy MusicGen models and their T5 text encoders to storage, for runs without the Hub",
+    )
+    stage.add_argument(
+        "--to", required=True, help="s3://bucket/prefix (or a path); each model goes to <to>/<id>"
+    )
+    stage.add_argument(
+        "--model",
+        action="append",
+        help="Hugging Face id (repeatable; default: facebook/musicgen-{small,medium,large,melody})",
+    )
+    stage.set_defaults(func=cmd_stage_models)
 
     tiny = sub.add_parser("tiny-config", help="print a config for the tiny CPU model")
     tiny.add_argument("--data", required=True, help="dataset root (MagnaTagATune) or manifest")

@@ -1,8 +1,12 @@
 """Loading the model to fine-tune: pretrained MusicGen, or a tiny in-code one.
 
 * ``facebook/musicgen-small`` (any Hugging Face id) or a local folder holding audiocraft's
-  ``state_dict.bin`` + ``compression_state_dict.bin`` → ``MusicGen.get_pretrained``.
-* ``s3://bucket/prefix`` → that folder is downloaded to the work dir first.
+  ``state_dict.bin`` + ``compression_state_dict.bin`` (e.g. a run's export) →
+  ``MusicGen.get_pretrained``, with the Hub switched off: the files and the T5 text encoders
+  are fetched into the Hugging Face cache first (:mod:`fermata_trainer.model_hub`), or restored
+  from the run's model mirror (:mod:`fermata_trainer.model_mirror`).
+* ``s3://bucket/prefix`` → a mirror staged there (``fermata-train stage-models``) or a folder,
+  downloaded to the work dir first.
 * ``tiny://seed=0`` → :func:`build_tiny_musicgen`, a few-kilobyte EnCodec + LM with random
   weights built from audiocraft modules, for tests and the CPU benchmark (never downloads).
 
@@ -24,7 +28,22 @@ import torch
 
 from fermata_trainer.errors import TrainerConfigError
 from fermata_trainer.logging_setup import get_logger
-from fermata_trainer.storage import is_s3_uri, local_path_of, open_storage
+from fermata_trainer.model_hub import (
+    check_text_tokenizer,
+    fetch_model,
+    fetch_text_encoder,
+    hub_cache,
+    hub_offline,
+    text_encoders_of,
+)
+from fermata_trainer.model_mirror import (
+    MirrorCorruptError,
+    ModelFiles,
+    publish_mirror,
+    read_mirror,
+    restore_mirror,
+)
+from fermata_trainer.storage import Storage, is_s3_uri, local_path_of, open_storage
 
 log = get_logger(__name__)
 
@@ -64,6 +83,15 @@ class LoadedModel:
     lm: Any
     compression_model: Any
     extra: dict[str, Any] = field(default_factory=dict)
+    #: audiocraft's ``xp.cfg`` of the LM (what an export's ``state_dict.bin`` carries), if known
+    lm_config: Any = None
+    #: the ``compression_state_dict.bin`` the compression model was loaded from, if any
+    compression_file: Path | None = None
+    #: the text encoders (Hugging Face ids) the LM's conditioners load, e.g. ``["t5-base"]``
+    text_encoders: list[str] = field(default_factory=list)
+    #: audiocraft's ``xp.cfg`` of a compression model built in code (no file to copy): an export
+    #: packages it with the weights as its ``compression_state_dict.bin``
+    compression_xp_config: Any = None
 
     @property
     def sample_rate(self) -> int:
@@ -103,7 +131,8 @@ class LoadedModel:
 
 
 def parse_tiny(base: str) -> TinySpec:
-    """``tiny://seed=3,layers=2`` → :class:`TinySpec`."""
+    """``tiny://seed=3,layers=2`` → :class:`TinySpec` (``dropout=0`` turns the LM's dropout off,
+    for runs whose losses must not depend on how a batch is split across ranks)."""
     if not base.startswith(TINY_SCHEME):
         raise ValueError(f"not a tiny model reference: {base!r}")
     params: dict[str, Any] = {}
@@ -113,84 +142,111 @@ def parse_tiny(base: str) -> TinySpec:
         if not sep:
             raise TrainerConfigError(f"model.base {base!r}: expected key=value, got {part!r}")
         name = name.strip().replace("-", "_")
-        if name not in {"seed", "layers", "dim", "heads", "bins", "codebooks", "sample_rate"}:
+        if name not in {"seed", "layers", "dim", "heads", "bins", "codebooks", "sample_rate", "dropout"}:
             raise TrainerConfigError(f"model.base {base!r}: unknown tiny parameter {name!r}")
-        try:
-            params[name] = int(value)
-        except ValueError:
-            raise TrainerConfigError(f"model.base {base!r}: {name} must be an integer") from None
+        params[name] = _tiny_number(base, name, value)
     return TinySpec(**params)
 
 
-def build_tiny_musicgen(seed: int = 0, spec: TinySpec | None = None) -> LoadedModel:
-    """A small EnCodec + MusicGen LM with random weights, deterministic for a seed.
+def _tiny_number(base: str, name: str, value: str) -> int | float:
+    try:
+        if name != "dropout":
+            return int(value)
+        dropout = float(value)
+    except ValueError:
+        kind = "a number" if name == "dropout" else "an integer"
+        raise TrainerConfigError(f"model.base {base!r}: {name} must be {kind}") from None
+    if not 0.0 <= dropout < 1.0:
+        raise TrainerConfigError(f"model.base {base!r}: dropout must be in [0, 1)")
+    return dropout
 
-    EnCodec: SEANet encoder/decoder (4 filters, ratios 8·5·4·2 → 50 Hz at 16 kHz), residual VQ
-    with 4 codebooks of 64 bins (uniform init: k-means init would leave codebooks at zero).
-    LM: 2 layers, dim 32, 2 heads, delayed codebook pattern, a lookup-table text conditioner
-    (``noop`` tokenizer: one hashed token per description, no spaCy, no T5) fused by
-    cross-attention.
-    """
-    from audiocraft.models.encodec import EncodecModel
-    from audiocraft.models.lm import LMModel
-    from audiocraft.modules.codebooks_patterns import DelayedPatternProvider
-    from audiocraft.modules.conditioners import (
-        ConditionFuser,
-        ConditioningProvider,
-        LUTConditioner,
-    )
-    from audiocraft.modules.seanet import SEANetDecoder, SEANetEncoder
-    from audiocraft.quantization.vq import ResidualVectorQuantizer
 
-    spec = spec or TinySpec(seed=seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        seanet: dict[str, Any] = {
+def tiny_lm_config(spec: TinySpec) -> dict[str, Any]:
+    """The tiny LM's audiocraft ``xp.cfg`` (the parts ``builders.get_lm_model`` reads): 2 layers,
+    dim 32, 2 heads, delayed codebook pattern, a lookup-table text conditioner (``noop``
+    tokenizer: one hashed token per description, no spaCy, no T5) fused by cross-attention."""
+    return {
+        "device": "cpu",
+        "dtype": "float32",
+        "lm_model": "transformer_lm",
+        "dataset": {"segment_duration": 30.0},
+        "codebooks_pattern": {
+            "modeling": "delay",
+            "delay": {"delays": list(range(spec.codebooks)), "flatten_first": 0, "empty_initial": 0},
+        },
+        "transformer_lm": {
+            "n_q": spec.codebooks,
+            "card": spec.bins,
+            "dim": spec.dim,
+            "num_heads": spec.heads,
+            "num_layers": spec.layers,
+            "hidden_scale": 2,
+            "norm": "layer_norm",
+            "norm_first": True,
+            "causal": True,
+            "cross_attention": True,
+            "custom": True,
+            "dropout": spec.dropout,
+        },
+        "attribute_dropout": {},
+        # the trainer drops conditions itself (training.cfgDropout)
+        "classifier_free_guidance": {"training_dropout": 0.0, "inference_coef": 3.0},
+        "fuser": {"sum": [], "prepend": [], "cross": ["description"], "input_interpolate": []},
+        "conditioners": {
+            "description": {
+                "model": "lut",
+                "lut": {"n_bins": spec.text_bins, "dim": spec.dim, "tokenizer": "noop"},
+            },
+        },
+    }
+
+
+def tiny_compression_config(spec: TinySpec) -> dict[str, Any]:
+    """The tiny EnCodec's ``xp.cfg``: SEANet encoder/decoder (4 filters, ratios 8·5·4·2 → 50 Hz
+    at 16 kHz), residual VQ with 4 codebooks of 64 bins (uniform init: k-means init would leave
+    codebooks at zero)."""
+    return {
+        "device": "cpu",
+        "dtype": "float32",
+        "sample_rate": spec.sample_rate,
+        "channels": 1,
+        "compression_model": "encodec",
+        "encodec": {
+            "autoencoder": "seanet",
+            "quantizer": "rvq",
+            "sample_rate": spec.sample_rate,
+            "channels": 1,
+            "causal": False,
+            "renormalize": False,
+        },
+        "seanet": {
             "channels": 1,
             "dimension": spec.latent_dim,
             "n_filters": spec.filters,
             "n_residual_layers": 1,
             "ratios": list(spec.ratios),
             "lstm": 0,
-        }
-        encoder = SEANetEncoder(**seanet)
-        decoder = SEANetDecoder(**seanet)
-        quantizer = ResidualVectorQuantizer(
-            dimension=spec.latent_dim, n_q=spec.codebooks, bins=spec.bins, kmeans_init=False
-        )
-        compression = EncodecModel(
-            encoder,
-            decoder,
-            quantizer,
-            frame_rate=int(spec.frame_rate),
-            sample_rate=spec.sample_rate,
-            channels=1,
-            causal=False,
-            renormalize=False,
-        ).eval()
-        conditioner = LUTConditioner(
-            n_bins=spec.text_bins, dim=spec.dim, output_dim=spec.dim, tokenizer="noop"
-        )
-        provider = ConditioningProvider({"description": conditioner}, device="cpu")
-        fuser = ConditionFuser({"cross": ["description"], "prepend": [], "sum": [], "input_interpolate": []})
-        lm = LMModel(
-            DelayedPatternProvider(n_q=spec.codebooks),
-            provider,
-            fuser,
-            n_q=spec.codebooks,
-            card=spec.bins,
-            dim=spec.dim,
-            num_heads=spec.heads,
-            hidden_scale=2,
-            norm="layer_norm",
-            norm_first=True,
-            num_layers=spec.layers,
-            causal=True,
-            cross_attention=True,
-            custom=True,
-            dropout=spec.dropout,
-            cfg_coef=3.0,
-        )
+            "encoder": {},
+            "decoder": {},
+        },
+        "rvq": {"n_q": spec.codebooks, "bins": spec.bins, "kmeans_init": False},
+    }
+
+
+def build_tiny_musicgen(seed: int = 0, spec: TinySpec | None = None) -> LoadedModel:
+    """A small EnCodec + MusicGen LM with random weights, deterministic for a seed, built from
+    :func:`tiny_lm_config` / :func:`tiny_compression_config` by audiocraft's own builders, so it
+    carries the ``xp.cfg`` an export needs (and loads back with ``MusicGen.get_pretrained``)."""
+    from audiocraft.models import builders
+    from omegaconf import OmegaConf
+
+    spec = spec or TinySpec(seed=seed)
+    lm_cfg = OmegaConf.create(tiny_lm_config(spec))
+    compression_cfg = OmegaConf.create(tiny_compression_config(spec))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        compression = builders.get_compression_model(compression_cfg).eval()
+        lm = builders.get_lm_model(lm_cfg)
     for p in compression.parameters():
         p.requires_grad_(False)
     return LoadedModel(
@@ -198,6 +254,8 @@ def build_tiny_musicgen(seed: int = 0, spec: TinySpec | None = None) -> LoadedMo
         lm=lm.float(),
         compression_model=compression,
         extra={"tiny": spec},
+        lm_config=lm_cfg,
+        compression_xp_config=compression_cfg,
     )
 
 
@@ -231,36 +289,118 @@ def _download_model_dir(uri: str, work_dir: Path) -> Path:
             f"compression_state_dict.bin) under that prefix, found {sorted(names)[:10]}"
         )
     for obj in objects:
+        if "/" in obj.key:  # a folder model is flat; an export's neighbours are not part of it
+            continue
         local = target / obj.key
         if not local.is_file() or local.stat().st_size != obj.size:
             storage.download_file(obj.key, local)
     return target
 
 
-def load_model(base: str, device: torch.device, work_dir: Path) -> LoadedModel:
-    """The model named by ``model.base`` on ``device``, LM in float32 and in train mode."""
+def read_lm_config(state_dict_file: Path) -> Any:
+    """The ``xp.cfg`` of an audiocraft ``state_dict.bin`` (memory-mapped: the weights stay on
+    disk), as an OmegaConf config."""
+    from omegaconf import OmegaConf
+
+    try:
+        pkg = torch.load(state_dict_file, map_location="cpu", mmap=True, weights_only=False)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise TrainerConfigError(f"{state_dict_file}: not an audiocraft state_dict.bin: {exc}") from None
+    if not isinstance(pkg, dict) or "xp.cfg" not in pkg:
+        raise TrainerConfigError(f"{state_dict_file}: not an audiocraft release (no xp.cfg)")
+    return OmegaConf.create(pkg["xp.cfg"])
+
+
+def _folder_files(load_from: Path) -> ModelFiles:
+    if not (load_from / "state_dict.bin").is_file():
+        raise TrainerConfigError(
+            f"model.base {load_from}: expected audiocraft's state_dict.bin and "
+            "compression_state_dict.bin in that folder"
+        )
+    encoders = tuple(
+        fetch_text_encoder(n) for n in text_encoders_of(read_lm_config(load_from / "state_dict.bin"))
+    )
+    return ModelFiles(str(load_from), load_from, None, encoders, "folder")
+
+
+def resolve_model_files(base: str, work_dir: Path, mirror: Storage | None) -> ModelFiles:
+    """The base model and its text encoders on local disk, from (in this order) the run's
+    mirror, a staged mirror at ``base``, a folder at ``base``, or the Hub."""
+    if mirror is not None:
+        manifest = read_mirror(mirror)
+        if manifest is not None and manifest.get("base") == base:
+            try:
+                return restore_mirror(mirror, manifest, hub_cache(), work_dir)
+            except MirrorCorruptError as exc:  # fetched again from the source, and re-mirrored
+                log.warning("model_mirror_corrupt", mirror=mirror.uri, error=str(exc))
+        elif manifest is not None:
+            log.warning(
+                "model_mirror_other_base", mirror=mirror.uri, mirrored=manifest.get("base"), base=base
+            )
+    if is_s3_uri(base) or base.startswith(("/", "file://", ".")):
+        if not is_s3_uri(base) and not local_path_of(base).exists():
+            raise TrainerConfigError(f"model.base {base}: {local_path_of(base)} does not exist")
+        source = open_storage(base)
+        staged = read_mirror(source)
+        if staged is not None:
+            try:
+                return restore_mirror(source, staged, hub_cache(), work_dir)
+            except MirrorCorruptError as exc:  # nobody rewrites a staged mirror but its owner
+                raise TrainerConfigError(f"model.base {base}: {exc}; stage the model again") from None
+        folder = _download_model_dir(base, work_dir) if is_s3_uri(base) else local_path_of(base)
+        return _folder_files(folder)
+    repo = fetch_model(base)
+    config = read_lm_config(repo.snapshot / "state_dict.bin")
+    encoders = tuple(fetch_text_encoder(n) for n in text_encoders_of(config))
+    return ModelFiles(base, repo.snapshot, repo, encoders, "hub")
+
+
+def _load_pretrained(base: str, files: ModelFiles, device: torch.device) -> LoadedModel:
+    from audiocraft.models.musicgen import MusicGen
+
+    log.info("model_loading", base=base, source=files.load_from, origin=files.origin, device=str(device))
+    try:
+        with hub_offline(), _trusted_checkpoint_loading():
+            musicgen = MusicGen.get_pretrained(files.load_from, device=str(device))
+    except (FileNotFoundError, OSError, KeyError, AssertionError) as exc:
+        raise TrainerConfigError(f"model.base {base}: cannot load MusicGen: {exc}") from exc
+    check_text_tokenizer(musicgen.lm)
+    model = LoadedModel(
+        model_id=base,
+        lm=musicgen.lm,
+        compression_model=musicgen.compression_model,
+        lm_config=getattr(musicgen.lm, "cfg", None),
+        compression_file=files.compression_file,
+        text_encoders=[e.repo_id for e in files.text_encoders],
+    )
+    for p in model.compression_model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_model(
+    base: str,
+    device: torch.device,
+    work_dir: Path,
+    mirror: Storage | None = None,
+    publish: bool = True,
+) -> LoadedModel:
+    """The model named by ``model.base`` on ``device``, LM in float32 and in train mode.
+
+    ``mirror``: the run's model mirror (``<storage.checkpoints>/model``). A base fetched from
+    the Hub or a folder is copied there (when ``publish``: rank 0), so later pods of the run
+    restore it instead of fetching it again.
+    """
     if base.startswith(TINY_SCHEME):
         model = build_tiny_musicgen(spec=parse_tiny(base))
     else:
-        from audiocraft.models.musicgen import MusicGen
-
-        source: str = base
-        if is_s3_uri(base):
-            source = str(_download_model_dir(base, work_dir))
-        elif base.startswith("/") or base.startswith("file://") or base.startswith("."):
-            path = local_path_of(base)
-            if not path.exists():
-                raise TrainerConfigError(f"model.base {base}: {path} does not exist")
-            source = str(path)
-        log.info("model_loading", base=base, source=source, device=str(device))
-        try:
-            with _trusted_checkpoint_loading():
-                musicgen = MusicGen.get_pretrained(source, device=str(device))
-        except (FileNotFoundError, OSError, KeyError, AssertionError) as exc:
-            raise TrainerConfigError(f"model.base {base}: cannot load MusicGen: {exc}") from exc
-        model = LoadedModel(model_id=base, lm=musicgen.lm, compression_model=musicgen.compression_model)
-        for p in model.compression_model.parameters():
-            p.requires_grad_(False)
+        files = resolve_model_files(base, work_dir, mirror)
+        model = _load_pretrained(base, files, device)
+        if mirror is not None and publish and files.origin != "mirror":
+            try:
+                publish_mirror(mirror, base, files)
+            except Exception as exc:  # the next pod fetches again: slower, not wrong
+                log.warning("model_mirror_failed", mirror=mirror.uri, error=f"{type(exc).__name__}: {exc}")
     model.lm = model.lm.float()
     model.compression_model.eval()
     model.to(device)
@@ -273,5 +413,28 @@ def load_model(base: str, device: torch.device, work_dir: Path) -> LoadedModel:
         frame_rate=model.frame_rate,
         codebooks=model.num_codebooks,
         cardinality=model.cardinality,
+        text_encoders=model.text_encoders,
     )
     return model
+
+
+#: What ``fermata-train stage-models`` stages when no model is named.
+STAGED_MODELS = (
+    "facebook/musicgen-small",
+    "facebook/musicgen-medium",
+    "facebook/musicgen-large",
+    "facebook/musicgen-melody",
+)
+
+
+def stage_model(repo_id: str, destination: Storage) -> str:
+    """Fetch ``repo_id`` and its text encoders (Hub or cache) and write a model mirror at
+    ``destination/<repo_id>``, for runs that must never touch the Hub; returns its manifest URI."""
+    repo = fetch_model(repo_id)
+    encoders = tuple(
+        fetch_text_encoder(n) for n in text_encoders_of(read_lm_config(repo.snapshot / "state_dict.bin"))
+    )
+    files = ModelFiles(repo_id, repo.snapshot, repo, encoders, "hub")
+    return publish_mirror(
+        destination.child(repo_id), repo_id, files, extra={"stagedBy": "fermata-train stage-models"}
+    )

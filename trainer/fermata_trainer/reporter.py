@@ -59,6 +59,8 @@ class NullReporter:
             validation_loss=progress.validation_loss,
             authenticity=progress.authenticity,
             last_checkpoint=status.last_checkpoint.uri if status.last_checkpoint else None,
+            best_export=status.artifacts.best.uri if status.artifacts and status.artifacts.best else None,
+            final_export=status.artifacts.final.uri if status.artifacts and status.artifacts.final else None,
         )
         return None
 

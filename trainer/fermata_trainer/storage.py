@@ -23,10 +23,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fermata_trainer.errors import ObjectNotFoundError
 from fermata_trainer.logging_setup import get_logger
+
+if TYPE_CHECKING:
+    from boto3.s3.transfer import TransferConfig
 
 log = get_logger(__name__)
 
@@ -372,17 +375,48 @@ def s3_endpoint_from_env(environ: dict[str, str] | None = None) -> str | None:
     return env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
 
 
+_MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    """How files move to and from S3 (boto3's managed transfer): a file of at least
+    ``multipart_threshold`` bytes goes as a multipart upload (a ranged download) of
+    ``chunk_size`` parts, ``max_concurrency`` of them in flight at once. A single stream to S3
+    tops out around 100 MB/s; parallel parts are what lets a multi-GB checkpoint finish inside a
+    spot notice. boto3 raises the part size itself where a file would need over 10,000 parts."""
+
+    multipart_threshold: int = 64 * _MIB
+    chunk_size: int = 64 * _MIB
+    max_concurrency: int = 16
+
+    def config(self) -> TransferConfig:
+        from boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(
+            multipart_threshold=self.multipart_threshold,
+            multipart_chunksize=self.chunk_size,
+            max_concurrency=self.max_concurrency,
+            use_threads=self.max_concurrency > 1,
+        )
+
+
+DEFAULT_TRANSFER = TransferSettings()
+
+
 def make_s3_client(
     endpoint_url: str | None = None,
     region: str | None = None,
     access_key: str | None = None,
     secret_key: str | None = None,
     boto_max_attempts: int = 2,
+    max_pool_connections: int = 2 * DEFAULT_TRANSFER.max_concurrency,
 ) -> Any:
     """A boto3 S3 client; path-style addressing when an endpoint (S3-compatible server) is set.
 
     botocore retries once itself (``boto_max_attempts``); :func:`retry_call` adds the longer
-    exponential backoff on top.
+    exponential backoff on top. The connection pool is sized for parallel multipart transfers
+    (``max_pool_connections``: at least a transfer's ``max_concurrency``).
     """
     import boto3
     from botocore.config import Config
@@ -395,6 +429,7 @@ def make_s3_client(
         retries={"max_attempts": boto_max_attempts, "mode": "standard"},
         connect_timeout=10,
         read_timeout=60,
+        max_pool_connections=max_pool_connections,
         s3={"addressing_style": "path"} if endpoint else None,
     )
     session = boto3.session.Session(
@@ -416,7 +451,11 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 
 class S3Storage(Storage):
-    """A prefix in an S3 bucket. Single PUTs are atomic, so no temporary objects are needed."""
+    """A prefix in an S3 bucket. Single PUTs are atomic, so no temporary objects are needed.
+
+    Files go up and come down as parallel multipart transfers (``transfer``, see
+    :class:`TransferSettings`); a multipart upload only becomes visible once it is completed.
+    """
 
     def __init__(
         self,
@@ -424,15 +463,17 @@ class S3Storage(Storage):
         prefix: str = "",
         client: Any | None = None,
         retry: RetryPolicy = DEFAULT_RETRY,
+        transfer: TransferSettings = DEFAULT_TRANSFER,
     ) -> None:
         self.bucket = bucket
         self.prefix = _clean_key(prefix)
         self.client = client if client is not None else make_s3_client()
         self.retry = retry
+        self.transfer = transfer
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
 
     def child(self, prefix: str) -> S3Storage:
-        return S3Storage(self.bucket, join_key(self.prefix, prefix), self.client, self.retry)
+        return S3Storage(self.bucket, join_key(self.prefix, prefix), self.client, self.retry, self.transfer)
 
     def _key(self, key: str) -> str:
         return join_key(self.prefix, key)
@@ -499,7 +540,7 @@ class S3Storage(Storage):
         full = self._key(key)
         self._call(
             f"upload s3://{self.bucket}/{full}",
-            lambda: self.client.upload_file(str(local), self.bucket, full),
+            lambda: self.client.upload_file(str(local), self.bucket, full, Config=self.transfer.config()),
         )
 
     def download_file(self, key: str, local: Path) -> None:
@@ -510,7 +551,7 @@ class S3Storage(Storage):
             fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, dir=local.parent)
             os.close(fd)
             try:
-                self.client.download_file(self.bucket, full, tmp_name)
+                self.client.download_file(self.bucket, full, tmp_name, Config=self.transfer.config())
                 os.replace(tmp_name, local)
             finally:
                 if os.path.exists(tmp_name):

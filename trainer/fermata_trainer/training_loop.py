@@ -3,7 +3,9 @@
 One optimizer step = ``gradientAccumulation`` micro-batches of ``batchSize`` cached segments per
 rank: conditions → ``lm.compute_predictions`` → per-codebook cross-entropy under the pattern and
 padding masks, AdamW (β 0.9/0.95) with linear warm-up and cosine decay, gradient clipping.
-bf16 autocast on GPU over float32 weights; float32 on CPU.
+Autocast over float32 weights as :mod:`fermata_trainer.precision` chooses (``auto``: bf16 on
+CUDA ≥ 8.0, fp16 with a gradient scaler on older GPUs, float32 on CPU); the scaler's state is
+part of the checkpoint.
 
 Stopping safely: SIGTERM/SIGINT (or the launcher's stop file) only set a flag; the current step
 finishes, a checkpoint is written and the process exits 0. A checkpoint request read from
@@ -16,6 +18,10 @@ evaluation's code path, or by nothing more than the acknowledgement
 A resumed run
 restores model, optimizer, scheduler, RNG states and the data position, so it continues with
 exactly the batches and losses the uninterrupted run would have had.
+
+Every evaluation that improves ``evaluation.bestMetric``, and the completed run, leave an export
+in audiocraft's release format (:mod:`fermata_trainer.export`), named in ``status.artifacts``;
+the best and final refs are part of the checkpoint's state, so a resumed run keeps them.
 """
 
 from __future__ import annotations
@@ -40,14 +46,15 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from torch import nn
+from torch.amp.grad_scaler import GradScaler
 
 from fermata_api import (
     EXIT_STOPPED_WITH_CHECKPOINT,
+    Artifacts,
     CheckpointRef,
     CheckpointRequest,
     EvaluationRequest,
     PodEnv,
-    Precision,
     StopReport,
     TrainerConfig,
     TrainerProgress,
@@ -77,9 +84,12 @@ from fermata_trainer.distributed import (
 )
 from fermata_trainer.errors import TrainerConfigError
 from fermata_trainer.evaluation import EvaluationResult, Evaluator
+from fermata_trainer.export import ExportContext, Exporter, ExportStore
 from fermata_trainer.logging_setup import bind_context, get_logger
 from fermata_trainer.model_loading import LoadedModel, load_model
+from fermata_trainer.model_mirror import RUN_MIRROR_PREFIX
 from fermata_trainer.optimization import build_optimizer, build_scheduler, codebook_cross_entropy
+from fermata_trainer.precision import PrecisionChoice, choose_precision, device_capability
 from fermata_trainer.reporter import NullReporter, StatusReporter
 from fermata_trainer.storage import RetryPolicy, S3Storage, Storage, open_storage
 from fermata_trainer.telemetry import GpuMonitor, ProgressBar, TensorBoardSink
@@ -194,6 +204,13 @@ class Trainer:
         self.stop_report_uri: str | None = None
         #: another run's checkpoint this run started from (spec.resumeFrom), rank 0
         self.started_from: str | None = None
+        #: the deployable exports (status.artifacts, rank 0) and what writes them
+        self.artifacts = Artifacts()
+        self.exporter: Exporter | None = None
+        #: the data the run trains on, for the model card (manifest digest, code cache key)
+        self.dataset_facts: dict[str, Any] = {}
+        #: status.cost as last seen in an apply response (the operator computes it)
+        self.cost_seen: dict[str, Any] | None = None
         self.signal_received: str | None = None
         self.message: str | None = None
         self._last_report = 0.0
@@ -204,6 +221,9 @@ class Trainer:
         self.sample_rate = 32000
         self.gpu: GpuMonitor | None = None
         self.tensorboard: TensorBoardSink | None = None
+        #: autocast dtype and gradient scaler, chosen in :meth:`_choose_precision`
+        self.precision = PrecisionChoice(None, False, "not chosen yet")
+        self.scaler = GradScaler("cpu", enabled=False)
 
     # ================================================================== signals
 
@@ -254,6 +274,8 @@ class Trainer:
             authenticity=ev.authenticity if ev else None,
             authenticity_components=ev.components if ev else None,
             samples_per_second=self._samples_per_second,
+            precision=self.precision.name,
+            precision_reason=self.precision.reason,
             gpu_utilization=gpu_util,
             gpu_memory_bytes=gpu_mem,
             checkpoint_request_ack=self.ack,
@@ -278,13 +300,18 @@ class Trainer:
         self._report_clock = now
         self._last_report = now
         try:
-            status = TrainerStatus(progress=self._progress(self.state), last_checkpoint=self.last_checkpoint)
+            status = TrainerStatus(
+                progress=self._progress(self.state),
+                last_checkpoint=self.last_checkpoint,
+                artifacts=self.artifacts if self.artifacts.best or self.artifacts.final else None,
+            )
             response = self.reporter.report(status)
         except Exception as exc:  # reporting never stops training
             log.warning("status_report_error", error=f"{type(exc).__name__}: {exc}")
             response = None
         self.last_report_ok = response is not None
         if response:
+            self.cost_seen = _cost_of(response) or self.cost_seen
             control = read_control(response)
             if control.stop_report is not None:
                 self.stop_report = control.stop_report
@@ -370,12 +397,23 @@ class Trainer:
     # ================================================================== setup
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        precision = self.config.training.precision
-        if self.device.type == "cuda" and precision in (Precision.auto, Precision.bf16):
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        if self.device.type == "cpu" and precision is Precision.bf16:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """Autocast as chosen (training and evaluation alike), or nothing for float32."""
+        if self.precision.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.precision.dtype)
+
+    def _choose_precision(self) -> None:
+        """Pick the precision for this device (every rank alike) and the gradient scaler."""
+        requested = self.config.training.precision
+        self.precision = choose_precision(requested, self.device.type, device_capability(self.device))
+        self.scaler = GradScaler(self.device.type, enabled=self.precision.use_scaler)
+        log.info(
+            "precision_chosen",
+            requested=requested.value,
+            precision=self.precision.name,
+            gradient_scaler=self.precision.use_scaler,
+            reason=self.precision.reason,
+        )
 
     def _seed(self) -> None:
         seed = self.config.training.seed + self.dist.rank
@@ -422,6 +460,15 @@ class Trainer:
                 raise RuntimeError(f"rank {self.dist.rank}: code cache {cache.key} missing")
         if len(codes.train) == 0:
             raise EmptySubsetError("the training split has no segments after tokenization")
+        self.dataset_facts = {
+            "source": cfg.dataset.source.value,
+            "uri": cfg.dataset.uri,
+            "manifestDigest": manifest_digest,
+            "codesKey": codes.key,
+            "segmentSeconds": cfg.dataset.segment_seconds,
+            "trainSegments": len(codes.train),
+            "validationSegments": len(codes.validation),
+        }
         log.info(
             "codes_ready",
             key=codes.key,
@@ -453,6 +500,9 @@ class Trainer:
             "last_eval": _eval_to_json(self.last_eval),
             "last_eval_step": self.last_eval_step,
             "model": self.config.model.base,
+            "precision": self.precision.name,
+            "scaler": self.scaler.state_dict(),  # {} without a scaler
+            "artifacts": self.artifacts.wire(),
         }
 
     def _restore(
@@ -479,6 +529,8 @@ class Trainer:
         self.evaluation_ack = state.get("evaluation_ack")
         self.last_eval = _eval_from_json(state.get("last_eval"))
         self.last_eval_step = state.get("last_eval_step")
+        self._restore_scaler(state)
+        self.artifacts = Artifacts.model_validate(state.get("artifacts") or {})
         rng_states = state["rng"]
         if len(rng_states) == self.dist.world_size:
             _restore_rng(rng_states[self.dist.rank])
@@ -495,6 +547,19 @@ class Trainer:
                 saved=state.get("world_size"),
                 now=self.dist.world_size,
                 note="batches after resume differ from an uninterrupted run",
+            )
+
+    def _restore_scaler(self, state: dict[str, Any]) -> None:
+        """The gradient scaler's scale and growth tracker, when both runs use one."""
+        saved = state.get("scaler") or {}
+        if self.scaler.is_enabled() and saved:
+            self.scaler.load_state_dict(saved)
+        if state.get("precision", self.precision.name) != self.precision.name:
+            log.warning(
+                "precision_changed",
+                saved=state.get("precision"),
+                now=self.precision.name,
+                note="losses after resume differ from an uninterrupted run",
             )
 
     def _on_main_then_everywhere(self, fn: Callable[[], T]) -> T | None:
@@ -576,6 +641,7 @@ class Trainer:
             self.device = torch.device("cpu")
         if self.dist.enabled:
             bind_context(rank=self.dist.rank)
+        self._choose_precision()
         self._seed()
         work_dir = Path(cfg.work_dir)
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -598,8 +664,17 @@ class Trainer:
         self._on_main_then_everywhere(lambda: claim_prefix(storage, cfg.run))
         self.report(TrainerState.preparing)
 
-        model = load_model(cfg.model.base, self.device, work_dir)
+        model = load_model(
+            cfg.model.base,
+            self.device,
+            work_dir,
+            mirror=storage.child(RUN_MIRROR_PREFIX),
+            publish=self.dist.is_main,
+        )
         self.sample_rate = model.sample_rate
+        self.exporter = Exporter(
+            ExportStore(storage, work_dir / "exports-staging"), model, cfg.evaluation.best_metric
+        )
         codes = self._prepare_codes(storage, work_dir, model)
         train = codes.train
         if self._stop_requested_locally() and self.dist.is_main:
@@ -640,6 +715,7 @@ class Trainer:
                 # the other run's control-channel answers mean nothing to this run's operator
                 self.ack = None
                 self.evaluation_ack = None
+                self.artifacts = Artifacts()  # the other run's exports are not this run's
             log.info(
                 "resumed",
                 step=self.step,
@@ -744,8 +820,11 @@ class Trainer:
         # completed
         if self.last_eval_step != self.step:
             self._evaluate(evaluator, codes)
+        export_error = self._export_final()  # before the final checkpoint, which records it
         if self.checkpoint_step != self.step:
             self._checkpoint(store, lm, optimizer, scheduler, "final", None)
+        if export_error is not None:  # the retried pod resumes from that checkpoint and exports
+            raise export_error
         if self.tensorboard is not None:
             self.tensorboard.sync()
         self.report(TrainerState.completed, message=f"completed {self.step} steps")
@@ -832,14 +911,9 @@ class Trainer:
             with sync:
                 with self._autocast():
                     loss, _, _ = loss_module(batch_codes, valid, tokenized)
-                (loss / len(micro_batches)).backward()
+                self.scaler.scale(loss / len(micro_batches)).backward()
             total += float(loss.detach()) / len(micro_batches)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(lm.parameters(), tcfg.gradient_clip))
-        if math.isfinite(grad_norm):
-            optimizer.step()
-        else:
-            log.warning("non_finite_gradients_skipped", step=self.step + 1, grad_norm=grad_norm)
-            optimizer.zero_grad(set_to_none=True)
+        grad_norm = self._optimizer_step(lm, optimizer)
         scheduler.step()
         if self.dist.enabled:
             import torch.distributed as dist
@@ -848,6 +922,25 @@ class Trainer:
             dist.all_reduce(value)
             total = float(value.item()) / self.dist.world_size
         return total, grad_norm
+
+    def _optimizer_step(self, lm: nn.Module, optimizer: torch.optim.Optimizer) -> float:
+        """Unscale (fp16), clip and step; a step with non-finite gradients is skipped, and with a
+        gradient scaler that also lowers the loss scale (expected now and then in fp16). The
+        gradients are all-reduced already, so every rank skips the same steps."""
+        self.scaler.unscale_(optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(lm.parameters(), self.config.training.gradient_clip))
+        if math.isfinite(grad_norm):
+            self.scaler.step(optimizer)  # without a scaler: optimizer.step()
+        else:
+            log.warning(
+                "non_finite_gradients_skipped",
+                step=self.step + 1,
+                grad_norm=grad_norm,
+                loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else None,
+            )
+            optimizer.zero_grad(set_to_none=True)
+        self.scaler.update()  # without a scaler: nothing
+        return grad_norm
 
     # ================================================================== evaluation
 
@@ -858,6 +951,8 @@ class Trainer:
             self.last_eval = result
             if baseline:
                 self.baseline = result.validation_loss
+            else:
+                self._export_best()
             entry = _eval_to_json(result) or {}
             entry["baseline"] = baseline
             self.history.append(entry)
@@ -907,6 +1002,53 @@ class Trainer:
             evaluated_now=evaluate,
         )
         self.report(TrainerState.training)
+
+    # ================================================================== exports
+
+    def _export_context(self) -> ExportContext:
+        return ExportContext(
+            base_model=self.config.model.base,
+            run=self.config.run,
+            step=self.step,
+            epoch=self.epoch,
+            total_steps=self.total_steps,
+            evaluation=self.last_eval if self.last_eval and self.last_eval.step == self.step else None,
+            baseline=self.baseline,
+            train_loss=float(sum(self.loss_window) / len(self.loss_window)) if self.loss_window else None,
+            incarnation=self.env.incarnation,
+            pod=self.env.pod_name,
+            started_from=self.started_from,
+            precision=self.precision.name,
+            dataset=dict(self.dataset_facts),
+            cost=self.cost_seen,
+        )
+
+    def _export_best(self) -> None:
+        """Rank 0, after an evaluation: export it when it improves evaluation.bestMetric. A
+        failure is logged and shown in the status; training goes on."""
+        if self.exporter is None:
+            return
+        try:
+            self.artifacts = self.exporter.on_evaluation(self.artifacts, self._export_context())
+            if self.message and self.message.startswith(EXPORT_FAILED):
+                self.message = None
+        except Exception as exc:
+            log.error("export_failed", step=self.step, error=f"{type(exc).__name__}: {exc}")
+            self.message = f"{EXPORT_FAILED} at step {self.step}: {type(exc).__name__}: {exc}"[:1000]
+
+    def _export_final(self) -> Exception | None:
+        """The final export (rank 0); its failure, on every rank, for the caller to raise."""
+
+        def export() -> None:
+            if self.exporter is not None:
+                self.artifacts = self.exporter.on_completion(self.artifacts, self._export_context())
+
+        try:
+            self._on_main_then_everywhere(export)
+        except Exception as exc:
+            log.error("export_failed", step=self.step, final=True, error=f"{type(exc).__name__}: {exc}")
+            return exc
+        return None
 
     # ================================================================== checkpoints
 
@@ -969,6 +1111,7 @@ class Trainer:
             "state.pt": staging / "state.pt",
             "metrics.json": staging / "metrics.json",
         }
+        serialize_started = time.monotonic()  # the checkpoint's duration counts from here
         torch.save(lm.state_dict(), files["lm.pt"])
         torch.save(optimizer.state_dict(), files["optimizer.pt"])
         torch.save(self._state_payload(scheduler, rng), files["state.pt"])
@@ -983,6 +1126,7 @@ class Trainer:
                 indent=2,
             )
         )
+        serialize_seconds = time.monotonic() - serialize_started
         try:
             self.last_checkpoint = store.write(
                 self.step,
@@ -997,6 +1141,7 @@ class Trainer:
                     "checkpointRequestAck": self.ack,
                     "startedFrom": self.started_from,
                 },
+                serialize_seconds=serialize_seconds,
             )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -1010,6 +1155,8 @@ class Trainer:
 #: checkpoint could not be written; cleared by the next checkpoint that is.
 STORAGE_TROUBLE = "storage trouble"
 CHECKPOINT_FAILED = "checkpoint failed"
+#: Prefix of ``status.progress.message`` after an export of a best evaluation failed.
+EXPORT_FAILED = "export failed"
 
 
 @dataclass(frozen=True)
@@ -1023,6 +1170,17 @@ class _ReportingRetry(RetryPolicy):
             # Called from the retry loop's ``except`` block: the error being retried is current.
             self.on_retry(attempt, sys.exc_info()[1])
         return super().delay(attempt)
+
+
+def _cost_of(run_object: dict[str, Any]) -> dict[str, Any] | None:
+    """``status.cost`` of a TrainingRun as the API returned it: {accruedUSD, updated}, or None."""
+    cost = (run_object.get("status") or {}).get("cost")
+    if not isinstance(cost, dict):
+        return None
+    accrued = cost.get("accruedUSD")
+    if isinstance(accrued, bool) or not isinstance(accrued, int | float) or not math.isfinite(accrued):
+        return None
+    return {"accruedUSD": float(accrued), "updated": cost.get("updated")}
 
 
 def _finite(value: float | None) -> float | None:

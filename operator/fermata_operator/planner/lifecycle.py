@@ -4,6 +4,7 @@
 
     spec invalid ──────────────► Accepted=False (no requeue: a spec change wakes the run)
     terminal phase ────────────► settle: nothing runs, then quiet
+    last checkpoint ───────────► CheckpointAtRisk when it nearly filled the grace period
     deadline / budget ─────────► stop
     spec.suspend ──────────────► suspended (pods stopped, GPU released)
     no current pod ────────────► wait out a backoff, or create the next incarnation
@@ -36,7 +37,18 @@ from fermata_api import conditions as cond
 from fermata_operator.planner import accounting, pods, stopping
 from fermata_operator.planner.context import Pass, pod_name
 from fermata_operator.planner.model import Observed, Plan
-from fermata_operator.policies import budget, cost, deadline, gates, idle, plateau, retry, spot, suspend
+from fermata_operator.policies import (
+    budget,
+    checkpoint_risk,
+    cost,
+    deadline,
+    gates,
+    idle,
+    plateau,
+    retry,
+    spot,
+    suspend,
+)
 from fermata_operator.policies.pod_outcome import TERMINATING_PATIENCE_SECONDS, Kind, Outcome
 from fermata_operator.settings import OperatorSettings
 from fermata_operator.views import PodView
@@ -56,6 +68,7 @@ def plan(obs: Observed, settings: OperatorSettings) -> Plan:
         return stopping.settle_terminal(p)
     if obs.namespace_terminating or obs.run["metadata"].get("deletionTimestamp"):
         return winding_down(p)
+    checkpoint_check(p)
     for guard in (deadline_guard, budget_guard):
         done = guard(p)
         if done is not None:
@@ -97,6 +110,17 @@ def winding_down(p: Pass) -> Plan:
 
 
 # ----------------------------------------------------------------------------- guards
+
+
+def checkpoint_check(p: Pass) -> None:
+    """The newest checkpoint against the pod's grace period (CheckpointAtRisk)."""
+    assert p.spec is not None
+    v = checkpoint_risk.evaluate(
+        p.st.last_checkpoint,
+        p.spec.resources.termination_grace_period_seconds,
+        cond.is_true(p.st.conditions, cond.CHECKPOINT_AT_RISK),
+    )
+    p.apply(v)
 
 
 def deadline_guard(p: Pass) -> Plan | None:

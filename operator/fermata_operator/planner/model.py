@@ -10,7 +10,7 @@ from fermata_operator.policies.effects import Event
 from fermata_operator.policies.prices import PriceTable
 
 #: Status keys the trainer owns; the operator never writes them.
-TRAINER_KEYS = frozenset({"progress", "lastCheckpoint"})
+TRAINER_KEYS = frozenset({"progress", "lastCheckpoint", "artifacts"})
 
 
 @dataclass
