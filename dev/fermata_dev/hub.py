@@ -242,54 +242,20 @@ def lm_config(spec: MiniatureSpec) -> dict[str, Any]:
 
 
 def compression_config(spec: MiniatureSpec) -> dict[str, Any]:
-    """EnCodec 32 kHz's ``xp.cfg`` (SEANet + residual VQ) at miniature sizes."""
-    return {
-        "device": "cpu",
-        "dtype": "float32",
-        "sample_rate": spec.sample_rate,
-        "channels": 1,
-        "compression_model": "encodec",
-        "encodec": {
-            "autoencoder": "seanet",
-            "quantizer": "rvq",
-            "sample_rate": spec.sample_rate,
-            "channels": 1,
-            "causal": False,
-            "renormalize": False,
-        },
-        "seanet": {
-            "dimension": spec.latent_dim,
-            "channels": 1,
-            "causal": False,
-            "n_filters": spec.filters,
-            "n_residual_layers": 1,
-            "ratios": list(spec.ratios),
-            "activation": "ELU",
-            "activation_params": {"alpha": 1.0},
-            "norm": "weight_norm",
-            "norm_params": {},
-            "kernel_size": 7,
-            "last_kernel_size": 7,
-            "residual_kernel_size": 3,
-            "dilation_base": 2,
-            "pad_mode": "constant",
-            "true_skip": True,
-            "compress": 2,
-            "lstm": 0,
-            "disable_norm_outer_blocks": 0,
-            "encoder": {},
-            "decoder": {"trim_right_ratio": 1.0},
-        },
-        "rvq": {
-            "n_q": spec.codebooks,
-            "bins": spec.bins,
-            "q_dropout": False,
-            "decay": 0.99,
-            "kmeans_init": False,
-            "kmeans_iters": 50,
-            "threshold_ema_dead_code": 2,
-        },
-    }
+    """EnCodec 32 kHz's ``xp.cfg`` (SEANet + residual VQ, 50 Hz) at miniature sizes: the
+    product's tiny EnCodec config with musicgen-small's rate and hop."""
+    from fermata_trainer.model_loading import TinySpec, tiny_compression_config
+
+    return tiny_compression_config(
+        TinySpec(
+            sample_rate=spec.sample_rate,
+            ratios=spec.ratios,
+            codebooks=spec.codebooks,
+            bins=spec.bins,
+            latent_dim=spec.latent_dim,
+            filters=spec.filters,
+        )
+    )
 
 
 def build_musicgen_files(out: Path, spec: MiniatureSpec) -> dict[str, Path]:

@@ -275,7 +275,7 @@ def test_pretrained_musicgen_small_to_deployable_exports(
         for name in ("state_dict.bin", "compression_state_dict.bin", "model_card.json"):
             client.download_file(bucket, f"{prefix}/{name}", str(local / name))
         card = json.loads((local / "model_card.json").read_text())
-        assert card["base"] == "facebook/musicgen-small"
+        assert card["baseModel"] == "facebook/musicgen-small"
         from huggingface_hub import constants
 
         saved = (constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE)

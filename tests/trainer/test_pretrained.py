@@ -285,3 +285,22 @@ def test_miniature_is_musicgen_smalls_format(miniature: MiniatureHub, shared_mta
     # torch >= 2.6 refuses the pickled config by default: the trainer's loader must allow it
     with pytest.raises(Exception, match="[Ww]eights only"):
         torch.load(snapshot / "state_dict.bin", map_location="cpu")
+
+
+@pytest.mark.parametrize(
+    ("repo", "revision"), [("t5-base", "../../../escape"), ("../t5", "abc"), ("a/b/c", "abc")]
+)
+def test_mirror_manifest_cannot_write_outside_the_cache(tmp_path: Path, repo: str, revision: str) -> None:
+    from fermata_trainer.errors import TrainerConfigError
+    from fermata_trainer.model_mirror import MIRROR_FORMAT_VERSION, restore_mirror
+    from fermata_trainer.storage import open_storage
+
+    storage = open_storage(str(tmp_path / "mirror"))
+    manifest = {
+        "formatVersion": MIRROR_FORMAT_VERSION,
+        "base": "x",
+        "model": {"kind": "hub", "repo": repo, "revision": revision, "objects": []},
+    }
+    with pytest.raises(TrainerConfigError, match="bad repository"):
+        restore_mirror(storage, manifest, tmp_path / "cache", tmp_path / "work")
+    assert not (tmp_path / "escape").exists()

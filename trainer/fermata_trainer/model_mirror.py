@@ -19,6 +19,7 @@ Layout::
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -188,11 +189,20 @@ def restore_mirror(storage: Storage, manifest: dict[str, Any], cache: Path, work
     return files
 
 
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
 def _restore_repo(storage: Storage, entry: dict[str, Any], cache: Path, tmp: Path) -> CachedRepo:
-    repo_id = str(entry["repo"])
+    repo_id = str(entry.get("repo"))
+    revision = str(entry.get("revision"))
+    if not _REPO_ID.match(repo_id) or ".." in repo_id or not _REVISION.match(revision):
+        raise TrainerConfigError(
+            f"{storage.uri_of(MIRROR_MANIFEST)}: bad repository {repo_id!r} or revision {revision!r}"
+        )
     target = tmp / repo_id.replace("/", "--")
     downloaded = _download(storage, f"hub/{repo_id}", list(entry["objects"]), _mkdir(target))
-    return write_snapshot(cache, repo_id, str(entry["revision"]), downloaded)
+    return write_snapshot(cache, repo_id, revision, downloaded)
 
 
 def _mkdir(path: Path) -> Path:
