@@ -16,6 +16,7 @@ from pydantic import AfterValidator, Field
 from pydantic.config import JsonDict
 
 from fermata_api.base import ApiModel, Duration, cel, field_rules, pattern_rule
+from fermata_api.pod import PodOverrides, ServiceAccountSpec
 
 # ----------------------------------------------------------------------------- Kubernetes names
 # The API server checks these at admission (as CEL rules with readable messages) so that a bad
@@ -612,6 +613,19 @@ class GateSpec(ApiModel):
     )
 
 
+class CleanupSpec(ApiModel):
+    """What goes once ``ttlSecondsAfterFinished`` has passed after the run finished."""
+
+    delete_run: bool = Field(
+        default=False,
+        description=(
+            "Also delete the TrainingRun itself (with its status, cost history and Events). "
+            "false: only the run's pods, ConfigMap, ServiceAccount, Role and RoleBinding go; the "
+            "TrainingRun and its status stay. Checkpoints and artifacts in storage are never deleted."
+        ),
+    )
+
+
 class TrainingRunSpec(ApiModel):
     """Desired state of a MusicGen fine-tuning run."""
 
@@ -648,6 +662,12 @@ class TrainingRunSpec(ApiModel):
             "dataset is immutable: the run's checkpoints and token cache belong to this data; "
             "start a new run (optionally with resumeFrom) to train on other data",
             ".dataset",
+        ),
+        (
+            "!has(self.cleanup) || !has(self.cleanup.deleteRun) || !self.cleanup.deleteRun || "
+            "has(self.ttlSecondsAfterFinished)",
+            "cleanup.deleteRun needs ttlSecondsAfterFinished (when to delete the run)",
+            ".cleanup",
         ),
     )
 
@@ -699,4 +719,33 @@ class TrainingRunSpec(ApiModel):
     )
     deadline: Duration | None = Field(
         default=None, description="Optional wall-clock limit for the whole run (e.g. 40d)."
+    )
+    service_account: ServiceAccountSpec | None = Field(
+        default=None,
+        description=(
+            "The trainer pod's cloud identity: annotations for the per-run ServiceAccount (IRSA, "
+            "GKE), or the name of an existing ServiceAccount of the namespace to run as."
+        ),
+    )
+    pod: PodOverrides | None = Field(
+        default=None,
+        description=(
+            "Additions to the trainer pod: labels, annotations, env, volumes, imagePullSecrets, "
+            "node affinity and topology spread; never replacing what the operator sets."
+        ),
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None,
+        ge=0,
+        le=315_360_000,
+        description=(
+            "Optional: this many seconds after the run finished (Succeeded, Failed, Stopped, "
+            "BudgetExceeded, IdleStopped; status.completionTime), its pods, ConfigMap and the "
+            "ServiceAccount, Role and RoleBinding the operator created for it are deleted; the "
+            "TrainingRun, its status (cost history, decision, artifacts) and the checkpoints stay "
+            "(see cleanup.deleteRun). Recorded in status.cleanedUp and the CleanedUp condition."
+        ),
+    )
+    cleanup: CleanupSpec | None = Field(
+        default=None, description="What ttlSecondsAfterFinished removes besides the run's objects."
     )

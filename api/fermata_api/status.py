@@ -254,6 +254,13 @@ class TrainingRunStatus(ApiModel):
     stop: StopIntent | None = Field(default=None, description="The stop being carried out.")
     abort_report: AbortReport | None = Field(default=None, description="Summary of the abort report.")
     last_interruption: str | None = Field(default=None, description="Why the last pod was lost.")
+    cleaned_up: datetime | None = Field(
+        default=None,
+        description=(
+            "When the run's pods, ConfigMap and RBAC were deleted (spec.ttlSecondsAfterFinished "
+            "after status.completionTime)."
+        ),
+    )
 
 
 def printer_columns() -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ from kubernetes.client.exceptions import ApiException
 from fermata_api import TERMINAL_PHASES, contract
 from fermata_api.meta import ANNOTATION_STOP_REASON, LABEL_RUN, OPERATOR_FIELD_MANAGER, POD_FINALIZER
 from fermata_operator import metrics, planner
+from fermata_operator.notifier import Notifier
 from fermata_operator.price_source import PriceSource
 from fermata_operator.settings import OperatorSettings
 from fermata_operator.views import NodeView, controller_uid
@@ -79,6 +80,8 @@ class RunController:
     #: Our last write of each run, so a stale watch cache never drives a decision.
     _written: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     _lock: Lock = field(default_factory=Lock)
+    #: Posts the run's decisions, budget, idle and failure Events to a webhook (when configured).
+    notifier: Notifier | None = None
 
     def __post_init__(self) -> None:
         #: Creates a new pod's ConfigMap, ServiceAccount and RBAC side by side (then the pod).
@@ -271,6 +274,8 @@ class RunController:
             plan = planner.refused(
                 plan, refused.reason, refused.message, run["metadata"].get("generation"), now
             )
+        if plan.cleanup:
+            self.clean_up(run, plan)  # before the status that says so: a repeat finds 404s
         old = _operator_part(run.get("status"))
         if planner.status_changed(old, plan.status, self.settings.cost_write_seconds, now):
             body = planner.merge_patch(old, plan.status)
@@ -292,6 +297,10 @@ class RunController:
             self.release_finalizer(ns, pod_name, plan.uids.get(pod_name), require_unstarted=unstarted)
         for ev in plan.events:
             self.post_event(run, ev.type, ev.reason, ev.message)
+            if self.notifier is not None:
+                self.notifier.notify(run, plan.status, ev.type, ev.reason, ev.message)
+        if plan.delete_run:
+            self.delete_run(run)
 
     def create_all(self, objs: list[dict[str, Any]], owner_uid: str | None) -> None:
         """The pod's supporting objects, then the pod, which needs them: a pod exists only once
@@ -469,3 +478,61 @@ class RunController:
                 return False
             raise
         return not (obj.get("metadata") or {}).get("deletionTimestamp")
+
+    # ------------------------------------------------------------------ cleanup (ttlSecondsAfterFinished)
+
+    def clean_up(self, run: dict[str, Any], plan: planner.Plan) -> None:
+        """Delete a finished run's pods, ConfigMap and RBAC: each only if it is the run's own (a
+        pod by the UID the planner saw, the rest by a controller owner reference to the run)."""
+        ns, uid = run["metadata"]["namespace"], run["metadata"].get("uid")
+        for kind, name in plan.cleanup:
+            if kind == "Pod":
+                self.stop_pod(ns, name, "CleanedUp", plan.uids.get(name))
+            else:
+                self.delete_owned(kind, ns, name, uid)
+        log.info("run cleaned up", namespace=ns, run=run["metadata"]["name"], objects=len(plan.cleanup))
+
+    def delete_owned(self, kind: str, ns: str, name: str, owner_uid: str | None) -> None:
+        """Delete ``kind ns/name`` if the run with ``owner_uid`` controls it (UID precondition: a
+        replacement created meanwhile is not touched). Forbidden: logged, never retried hot."""
+        read, delete = {
+            "ConfigMap": (self.core.read_namespaced_config_map, self.core.delete_namespaced_config_map),
+            "ServiceAccount": (
+                self.core.read_namespaced_service_account,
+                self.core.delete_namespaced_service_account,
+            ),
+            "Role": (self.rbac.read_namespaced_role, self.rbac.delete_namespaced_role),
+            "RoleBinding": (self.rbac.read_namespaced_role_binding, self.rbac.delete_namespaced_role_binding),
+        }[kind]
+        try:
+            meta = self.api.sanitize_for_serialization(read(name, ns)).get("metadata") or {}
+            if owner_uid is None or controller_uid(meta) != owner_uid:
+                log.info("not deleted: not the run's own", namespace=ns, kind=kind, name=name)
+                return
+            options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=meta.get("uid")))
+            _discard(delete(name, ns, body=options, _preload_content=False))
+        except ApiException as exc:
+            if exc.status == 403:
+                log.warning("cleanup forbidden", namespace=ns, kind=kind, name=name, message=api_message(exc))
+            elif exc.status not in (404, 409):
+                raise
+
+    def delete_run(self, run: dict[str, Any]) -> None:
+        """``spec.cleanup.deleteRun``: delete the TrainingRun itself (that very object)."""
+        meta = run["metadata"]
+        options = {"preconditions": {"uid": meta.get("uid")}}
+        try:
+            self.custom.delete_namespaced_custom_object(
+                contract.API_GROUP,
+                contract.API_VERSION,
+                meta["namespace"],
+                contract.PLURAL,
+                meta["name"],
+                body=options,
+            )
+            log.info("run deleted after its TTL", namespace=meta["namespace"], run=meta["name"])
+        except ApiException as exc:
+            if exc.status == 403:
+                log.warning("run deletion forbidden", namespace=meta["namespace"], run=meta["name"])
+            elif exc.status not in (404, 409):
+                raise

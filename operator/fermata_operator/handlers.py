@@ -30,6 +30,7 @@ from fermata_api.meta import LABEL_RUN, POD_FINALIZER
 from fermata_operator import metrics
 from fermata_operator.controller import RunController, api_message
 from fermata_operator.kube import api_client
+from fermata_operator.notifier import Notifier
 from fermata_operator.price_source import PriceSource
 from fermata_operator.settings import OperatorSettings
 from fermata_operator.views import NodeView
@@ -101,6 +102,16 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     )
     ctl = RunController(api=api_client(pool_size=2 * opsettings.workers), settings=opsettings)
     ctl.prices = price_source(ctl, opsettings)
+    if opsettings.notify_webhook_url:
+        ctl.notifier = Notifier(
+            opsettings.notify_webhook_url,
+            opsettings.notify_format,
+            opsettings.notify_events,
+            backoff_seconds=opsettings.notify_backoff_seconds,
+        )
+        log.info(
+            "webhook notifications enabled", format=opsettings.notify_format, events=opsettings.notify_events
+        )
     await asyncio.to_thread(ctl.prices.table)
     memo["controller"] = ctl
     memo["gate"] = ReconcileGate(opsettings.workers)

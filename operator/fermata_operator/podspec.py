@@ -24,6 +24,8 @@ from fermata_api.meta import (
     MANAGED_BY,
     POD_FINALIZER,
 )
+from fermata_api.pod import ServiceAccountSpec
+from fermata_operator import podoverrides
 from fermata_operator.settings import OperatorSettings
 
 CONFIG_KEY = "trainer.json"
@@ -41,6 +43,13 @@ def config_map_name(run_name: str) -> str:
 
 def service_account_name(run_name: str) -> str:
     return f"{run_name}-trainer"
+
+
+def trainer_service_account(run_name: str, identity: ServiceAccountSpec | None) -> str:
+    """The ServiceAccount the trainer runs as: the one named in spec.serviceAccount, else its own."""
+    if identity is not None and identity.name:
+        return identity.name
+    return service_account_name(run_name)
 
 
 def labels(run_name: str, component: str = "trainer") -> dict[str, str]:
@@ -100,17 +109,25 @@ def config_map(run: dict[str, Any], spec: TrainingRunSpec, settings: OperatorSet
     }
 
 
-def trainer_rbac(run: dict[str, Any]) -> list[dict[str, Any]]:
-    """A ServiceAccount that may read its own run and write its own run's status — nothing else."""
+def trainer_rbac(run: dict[str, Any], identity: ServiceAccountSpec | None = None) -> list[dict[str, Any]]:
+    """A ServiceAccount that may read its own run and write its own run's status — nothing else.
+
+    With ``spec.serviceAccount.name`` the operator creates no ServiceAccount: the run's own Role
+    is bound to the named one (the RoleBinding is created only once the Role is the run's)."""
     name = run["metadata"]["name"]
     sa = service_account_name(name)
+    subject = trainer_service_account(name, identity)
+    account: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _meta(run, sa),
+        "automountServiceAccountToken": False,
+    }
+    if identity is not None and identity.annotations:
+        account["metadata"]["annotations"] = dict(identity.annotations)
+    own = [] if subject != sa else [account]
     return [
-        {
-            "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": _meta(run, sa),
-            "automountServiceAccountToken": False,
-        },
+        *own,
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
@@ -135,7 +152,9 @@ def trainer_rbac(run: dict[str, Any]) -> list[dict[str, Any]]:
             "kind": "RoleBinding",
             "metadata": _meta(run, sa),
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
-            "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": run["metadata"]["namespace"]}],
+            "subjects": [
+                {"kind": "ServiceAccount", "name": subject, "namespace": run["metadata"]["namespace"]}
+            ],
         },
     ]
 
@@ -243,7 +262,7 @@ def trainer_pod(
     uid = settings.trainer_uid
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "serviceAccountName": service_account_name(run_name),
+        "serviceAccountName": trainer_service_account(run_name, spec.service_account),
         "automountServiceAccountToken": True,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": res.termination_grace_period_seconds,
@@ -287,4 +306,6 @@ def trainer_pod(
     }
     if res.priority_class_name:
         pod_spec["priorityClassName"] = res.priority_class_name
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+    return podoverrides.apply(
+        {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}, spec.pod
+    )

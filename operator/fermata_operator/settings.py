@@ -33,6 +33,11 @@ def _env_float(name: str, default: float) -> float:
     return float(raw) if raw else default
 
 
+def _env_list(name: str) -> tuple[str, ...]:
+    """A comma-separated list (empty entries dropped)."""
+    return tuple(x.strip() for x in os.environ.get(name, "").split(",") if x.strip())
+
+
 @dataclass(frozen=True)
 class OperatorSettings:
     """Knobs of the operator process (environment variables ``FERMATA_*``)."""
@@ -58,6 +63,12 @@ class OperatorSettings:
     aws_pricing: bool = False
     #: UID the trainer runs as (the trainer image's user).
     trainer_uid: int = 1000
+    #: Webhook notifications (empty URL: none): URL, format (slack | generic), the categories
+    #: posted (decision, budget, idle, failure) and the first retry delay.
+    notify_webhook_url: str = ""
+    notify_format: str = "slack"
+    notify_events: tuple[str, ...] = ("decision", "budget", "idle", "failure")
+    notify_backoff_seconds: float = 1.0
 
     @classmethod
     def from_env(cls) -> OperatorSettings:
@@ -78,4 +89,8 @@ class OperatorSettings:
             price_table=os.environ.get("FERMATA_PRICE_TABLE", base.price_table),
             aws_pricing=os.environ.get("FERMATA_AWS_PRICING", "").lower() in {"1", "true", "yes"},
             trainer_uid=int(os.environ.get("FERMATA_TRAINER_UID", base.trainer_uid)),
+            notify_webhook_url=os.environ.get("FERMATA_NOTIFY_WEBHOOK_URL", "").strip(),
+            notify_format=os.environ.get("FERMATA_NOTIFY_FORMAT", "") or base.notify_format,
+            notify_events=_env_list("FERMATA_NOTIFY_EVENTS") or base.notify_events,
+            notify_backoff_seconds=_env_float("FERMATA_NOTIFY_BACKOFF_SECONDS", base.notify_backoff_seconds),
         )

@@ -66,6 +66,8 @@ TEST_VALUES = [
     "tenancy.allowedPriorityClasses={fermata-batch}",
     "--set",
     "tenancy.allowedTolerationKeys={fermata.dev/dedicated}",
+    "--set",
+    "tenancy.allowedServiceAccounts={team-identity}",
 ]
 NOW = "2026-01-01T00:00:00Z"
 
@@ -716,6 +718,15 @@ CASES = {
         {"resources": {"image": "ghcr.io/fermata-dev-evil/fermata-trainer:1"}},
         "spec.resources.image: ghcr.io/fermata-dev-evil/fermata-trainer:1 is not from an allowed registry",
     ),
+    "service-account": (
+        {"serviceAccount": {"name": "cluster-power"}},
+        "spec.serviceAccount.name: cluster-power is not allowed: it must be in the chart value tenancy.allowedServiceAccounts (team-identity)",
+    ),
+    # allowed by the chart, but she may not mint its tokens herself
+    "service-account-without-token-rights": (
+        {"serviceAccount": {"name": "team-identity"}},
+        "spec.serviceAccount.name: team-identity is not allowed",
+    ),
     "node-selector": (
         {
             "resources": {
@@ -730,7 +741,7 @@ CASES = {
 def _spec(patch: dict[str, Any]) -> dict[str, Any]:
     base = spec()
     for key, value in patch.items():
-        base[key] = {**base[key], **value}
+        base[key] = {**base.get(key, {}), **value}
     return base
 
 
@@ -810,6 +821,36 @@ def test_tenant_gets_what_she_may_have(alice: Any, k8s_api: Any, tenant: str) ->
     # Another one she may not.
     other = {"storage": {"checkpoints": "s3://ml-runs/test/", "credentialsSecret": "team-creds"}}
     assert "you may not read Secret team-creds" in _policy_refusal(lambda: create("other-secret", other))
+
+    # An allowed ServiceAccount whose tokens she may create herself.
+    rbac.create_namespaced_role(
+        tenant,
+        {
+            "metadata": {"name": "team-identity-tokens"},
+            "rules": [
+                {
+                    "apiGroups": [""],
+                    "resources": ["serviceaccounts/token"],
+                    "resourceNames": ["team-identity"],
+                    "verbs": ["create"],
+                }
+            ],
+        },
+    )
+    rbac.create_namespaced_role_binding(
+        tenant,
+        {
+            "metadata": {"name": "alice-team-identity-tokens"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Role",
+                "name": "team-identity-tokens",
+            },
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}],
+        },
+    )
+    identity = {"serviceAccount": {"name": "team-identity"}}
+    wait_for(lambda: create("with-identity", identity), timeout=30, what="alice may name team-identity")
 
     # Updates: a run someone else (the admin) made with team-creds. Alice may suspend it (the
     # trainer gets nothing new) but not change what the trainer runs with that Secret.

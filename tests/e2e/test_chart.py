@@ -200,15 +200,51 @@ def test_rendering_modes(helm: Path) -> None:
     }
     assert rules == {
         ("", "pods"): ("get", "list", "watch", "create", "delete", "patch"),
-        ("", "configmaps"): ("get", "create", "patch"),
-        ("", "serviceaccounts"): ("get", "create"),
-        ("rbac.authorization.k8s.io", "roles"): ("get", "create"),
-        ("rbac.authorization.k8s.io", "rolebindings"): ("get", "create"),
+        ("", "configmaps"): ("get", "create", "patch", "delete"),
+        ("", "serviceaccounts"): ("get", "create", "delete"),
+        ("rbac.authorization.k8s.io", "roles"): ("get", "create", "delete"),
+        ("rbac.authorization.k8s.io", "rolebindings"): ("get", "create", "delete"),
         ("", "events"): ("create", "patch"),
-        ("fermata.dev", "trainingruns"): ("get", "list", "watch", "patch"),
+        ("fermata.dev", "trainingruns"): ("get", "list", "watch", "patch", "delete"),
         ("fermata.dev", "trainingruns/status"): ("get", "patch"),
         ("kopf.dev", "kopfpeerings"): ("get", "list", "watch", "patch"),
     }
+
+
+def test_the_notification_webhook_reaches_the_operator(helm: Path) -> None:
+    def env_of(*values: str) -> dict[str, Any]:
+        dep = find(template(helm, "fermata-system", *values), "Deployment")[0]
+        c = dep["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
+
+    assert not any(k.startswith("FERMATA_NOTIFY") for k in env_of())
+    plain = env_of(
+        "--set",
+        "notifications.webhook.url=https://hooks.example.com/x",
+        "--set",
+        "notifications.webhook.format=generic",
+    )
+    assert plain["FERMATA_NOTIFY_WEBHOOK_URL"] == "https://hooks.example.com/x"
+    assert plain["FERMATA_NOTIFY_FORMAT"] == "generic"
+    assert plain["FERMATA_NOTIFY_EVENTS"] == "decision,budget,idle,failure"
+    secret = env_of(
+        "--set",
+        "notifications.webhook.secretName=slack-hook",
+        "--set",
+        "notifications.webhook.secretKey=webhook",
+        "--set-json",
+        'notifications.webhook.events=["decision","failure"]',
+    )
+    assert secret["FERMATA_NOTIFY_WEBHOOK_URL"] == {"secretKeyRef": {"name": "slack-hook", "key": "webhook"}}
+    assert secret["FERMATA_NOTIFY_FORMAT"] == "slack"
+    assert secret["FERMATA_NOTIFY_EVENTS"] == "decision,failure"
+    bad = subprocess.run(
+        [str(helm), "template", "x", str(CHART), "--set", "notifications.webhook.format=teams"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode != 0 and "values don't meet the specifications of the schema" in bad.stderr
 
 
 def test_monitoring_objects_are_structurally_valid(helm: Path, tmp_path: Path) -> None:

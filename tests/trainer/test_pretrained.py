@@ -134,6 +134,23 @@ def test_fine_tunes_musicgen_small_offline_and_mirrors_it(
         data = (tmp_path / "storage" / "model" / "hub" / MUSICGEN_SMALL / obj["name"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == obj["sha256"]
 
+    # the final export of a model from the Hub loads with torch's default weights-only loading
+    # (the Hub's own files pickle an OmegaConf config; the export carries YAML)
+    import torch
+    from audiocraft.models import MusicGen
+
+    from fermata_dev.hub import offline_hub
+
+    exports = sorted((tmp_path / "storage" / "exports").glob("step-*"))
+    assert exports and (exports[-1] / "model_card.json").is_file()
+    for name in ("state_dict.bin", "compression_state_dict.bin"):
+        torch.load(exports[-1] / name, map_location="cpu", weights_only=True)
+    with offline_hub(hub.hf_home):
+        served = MusicGen.get_pretrained(str(exports[-1]), device="cpu")
+    served.set_generation_params(duration=0.2, top_k=16)
+    with torch.no_grad():
+        assert served.generate(["soulful amapiano piano"]).shape == (1, 1, 6400)
+
     # a later pod: an empty cache and a Hub that refuses connections; it loads from the mirror
     empty = {"HF_HOME": str(tmp_path / "hf-new-pod"), "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}
     again = run_trainer(pretrained_config(make_config, tmp_path, max_steps=10), env=empty)

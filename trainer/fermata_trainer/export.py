@@ -9,8 +9,8 @@ Layout::
 ``state_dict.bin`` is what ``audiocraft.utils.export.export_lm`` writes: ``{'best_state': LM
 state dict (floating tensors in float16, as the Hub's releases), 'xp.cfg': the LM's config as a
 YAML string, 'version', 'exported': True}``; nothing in it needs more than torch's default
-``weights_only=True`` loading. ``compression_state_dict.bin`` is a copy of the one the base
-model came from, or, for a model built in code, the same kind of package of its weights and
+``weights_only=True`` loading. ``compression_state_dict.bin`` is the one the base model came
+from (its ``xp.cfg`` rewritten as YAML when it was a pickled config, as in the Hub's releases), or, for a model built in code, the same kind of package of its weights and
 config. So ``MusicGen.get_pretrained(<local copy of the folder>)`` loads an export, and so does
 ``model.base`` of a later run.
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -108,13 +109,33 @@ def release_package(state: dict[str, torch.Tensor], config: Any, half: bool) -> 
     }
 
 
+def portable_compression(source: Path, target: Path) -> Path:
+    """The base's ``compression_state_dict.bin`` as an export carries it: as it is when torch's
+    default ``weights_only=True`` loads it, else (the Hub's releases pickle an OmegaConf config)
+    with its ``xp.cfg`` as YAML, so whoever serves the export needs no unsafe loading."""
+    try:
+        torch.load(source, map_location="cpu", weights_only=True)
+        return source
+    except pickle.UnpicklingError:  # holds more than weights: rewritten below (the base was trusted)
+        pass
+    package = torch.load(source, map_location="cpu", weights_only=False)
+    if not isinstance(package, dict):
+        raise ExportUnavailableError(f"{source}: not an audiocraft compression package")
+    if "xp.cfg" in package:
+        package["xp.cfg"] = _yaml(package["xp.cfg"])
+    torch.save(package, target)
+    return target
+
+
 def stage_files(model: LoadedModel, staging: Path) -> dict[str, Path]:
     """``state_dict.bin`` (and, for a compression model built in code,
     ``compression_state_dict.bin``) written under ``staging``; name → local file."""
     files = {STATE_DICT_NAME: staging / STATE_DICT_NAME}
     torch.save(release_package(model.lm.state_dict(), lm_config_of(model), half=True), files[STATE_DICT_NAME])
     if model.compression_file is not None:
-        files[COMPRESSION_NAME] = Path(model.compression_file)
+        files[COMPRESSION_NAME] = portable_compression(
+            Path(model.compression_file), staging / COMPRESSION_NAME
+        )
     elif model.compression_xp_config is not None:
         files[COMPRESSION_NAME] = staging / COMPRESSION_NAME
         package = release_package(

@@ -63,14 +63,15 @@ trainingruns/status; RBAC lets it create them only because it holds those verbs 
 # The trainer's configuration (created, patched when the spec changes).
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [get, create, patch]
-# The trainer's ServiceAccount, Role and RoleBinding (its own run's status only).
+  verbs: [get, create, patch, delete]
+# The trainer's ServiceAccount, Role and RoleBinding (its own run's status only); deleted with
+# the ConfigMap and pods spec.ttlSecondsAfterFinished after the run finished.
 - apiGroups: [""]
   resources: [serviceaccounts]
-  verbs: [get, create]
+  verbs: [get, create, delete]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
-  verbs: [get, create]
+  verbs: [get, create, delete]
 # Decisions as Events on the TrainingRun (the operator's and kopf's).
 - apiGroups: [""]
   resources: [events]
@@ -78,7 +79,7 @@ trainingruns/status; RBAC lets it create them only because it holds those verbs 
 # TrainingRuns: watched, finalizer and kopf annotations patched; status written.
 - apiGroups: [fermata.dev]
   resources: [trainingruns]
-  verbs: [get, list, watch, patch]
+  verbs: [get, list, watch, patch, delete]
 - apiGroups: [fermata.dev]
   resources: [trainingruns/status]
   verbs: [get, patch]

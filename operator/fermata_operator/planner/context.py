@@ -141,13 +141,13 @@ class Pass:
     def stop_pod(self, pod: str, reason: str) -> None:
         if all(name != pod for name, _ in self.plan.stop_pods):
             self.plan.stop_pods.append((pod, reason))
-            self._record_uid(pod)
+            self.record_uid(pod)
 
     def release_finalizer(self, pod: str) -> None:
         self.plan.release_finalizers.append(pod)
-        self._record_uid(pod)
+        self.record_uid(pod)
 
-    def _record_uid(self, pod: str) -> None:
+    def record_uid(self, pod: str) -> None:
         view = next((v for v in self.pods if v.name == pod), None)
         if view is not None and view.uid:
             self.plan.uids[pod] = view.uid

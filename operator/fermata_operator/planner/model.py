@@ -50,3 +50,8 @@ class Plan:
     release_if_unstarted: set[str] = field(default_factory=set)
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
+    #: A finished run's objects to delete (spec.ttlSecondsAfterFinished), as (kind, name): only
+    #: those the run controls (pods by the UID in ``uids``, the rest by their owner reference).
+    cleanup: list[tuple[str, str]] = field(default_factory=list)
+    #: Delete the TrainingRun itself (spec.cleanup.deleteRun), after everything else.
+    delete_run: bool = False

@@ -114,7 +114,7 @@ def start_next(p: Pass) -> Plan:
     resume = own.uri if own is not None else spec.resume_from
     run = p.obs.run
     p.plan.create.append(podspec.config_map(run, spec, p.settings))
-    p.plan.create.extend(podspec.trainer_rbac(run))
+    p.plan.create.extend(podspec.trainer_rbac(run, spec.service_account))
     p.plan.create.append(
         podspec.trainer_pod(
             run,

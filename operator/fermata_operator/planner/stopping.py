@@ -21,8 +21,10 @@ from fermata_api import (
     report_key,
 )
 from fermata_api import conditions as cond
+from fermata_operator import podspec
 from fermata_operator.planner.context import Pass
 from fermata_operator.planner.model import Plan
+from fermata_operator.policies import cleanup
 from fermata_operator.policies.effects import Stop
 
 #: Seconds between looks while a trainer finishes on its own, and while pods wind down.
@@ -107,6 +109,34 @@ def settle_terminal(p: Pass) -> Plan:
         p.st.completion_time = p.now
     if waiting:
         return p.finish_at(FINISHING_POLL_SECONDS)
-    if busy or p.plan.release_finalizers:
+    if busy or p.plan.release_finalizers or any(pod.has_cost_finalizer for pod in p.pods):
         return p.finish_at(WINDING_DOWN_POLL_SECONDS)
-    return p.finish_at(None)
+    return p.finish_at(clean_up(p))
+
+
+def clean_up(p: Pass) -> float | None:
+    """``spec.ttlSecondsAfterFinished``: once it has passed, the run's pods, ConfigMap and RBAC go
+    (and the run too with ``cleanup.deleteRun``). Called only once every pod has settled (no
+    pod runs, every billed span recorded). Returns when to look again (None: only on a change)."""
+    assert p.spec is not None
+    v = cleanup.evaluate(p.spec, p.st.phase, p.st.completion_time, p.st.cleaned_up, p.now)
+    p.plan.delete_run = v.delete_run
+    if not v.clean:
+        return v.wake_in
+    for pod in p.pods:
+        p.plan.cleanup.append(("Pod", pod.name))
+        p.record_uid(pod.name)
+    rbac = podspec.service_account_name(p.name)
+    p.plan.cleanup.extend(
+        [
+            ("RoleBinding", rbac),
+            ("Role", rbac),
+            ("ServiceAccount", rbac),
+            ("ConfigMap", podspec.config_map_name(p.name)),
+        ]
+    )
+    p.st.cleaned_up = p.now
+    condition, event = cleanup.recorded(p.spec.ttl_seconds_after_finished or 0, v.delete_run)
+    p.set_condition(condition.type, condition.status, condition.reason, condition.message)
+    p.event(event.type, event.reason, event.message)
+    return None
