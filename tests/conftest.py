@@ -51,12 +51,14 @@ def control_plane(
     testcluster_binary: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalControlPlane]:
     """kube-apiserver (+ embedded etcd), kube-controller-manager and kube-scheduler."""
-    from fermata_operator.crdgen import render
+    from fermata_operator.crdgen import render, render_budget
 
     workdir = tmp_path_factory.mktemp("control-plane")
     crd = workdir / "trainingruns.yaml"
     crd.write_text(render())
-    with LocalControlPlane(workdir, testcluster_binary, crds=[crd]) as cp:
+    budget_crd = workdir / "trainingbudgets.yaml"
+    budget_crd.write_text(render_budget())
+    with LocalControlPlane(workdir, testcluster_binary, crds=[crd, budget_crd]) as cp:
         yield cp
 
 

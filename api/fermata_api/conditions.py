@@ -10,6 +10,7 @@ from fermata_api.status import Condition
 ACCEPTED = "Accepted"  # the spec is runnable (False: InvalidSpec and friends)
 POD_SCHEDULED = "PodScheduled"  # the trainer pod is on a node
 WAITING_FOR_CAPACITY = "WaitingForCapacity"  # Pending for lack of a node
+QUEUED = "Queued"  # the pod is held by scheduling gates (Kueue has not admitted it yet)
 PROGRESSING = "Progressing"  # training steps advance
 BUDGET_WARNING = "BudgetWarning"
 BUDGET_EXCEEDED = "BudgetExceeded"
@@ -57,3 +58,10 @@ def put(
     if old is None:
         return [*conditions, new]
     return [new if c.type == ctype else c for c in conditions]
+
+
+# The team budget (TrainingBudget). On a run: whether the team budgets that select it let it run.
+TEAM_BUDGET = "TeamBudget"
+# On a TrainingBudget: spend reached warnAtFraction of the cap / reached the cap.
+BUDGET_AT_WARNING = "Warning"
+BUDGET_EXHAUSTED = "Exhausted"

@@ -40,3 +40,20 @@ CAPACITY_LABELS = {
 }
 INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
 GPU_RESOURCE = "nvidia.com/gpu"
+
+#: Kueue (https://kueue.sigs.k8s.io): the run's labels copied to its trainer pods, so Kueue's
+#: plain-pod integration queues each one as a single-pod Workload.
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+KUEUE_LABELS = (KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL)
+#: The scheduling gate Kueue's pod webhook adds, and removes when the Workload is admitted.
+KUEUE_ADMISSION_GATE = "kueue.x-k8s.io/admission"
+#: The pod condition Kueue sets before it deletes a pod whose Workload was evicted (preempted,
+#: deactivated, its ClusterQueue stopped ...).
+KUEUE_TERMINATION_CONDITION = "TerminationTarget"
+
+#: The team budget (``TrainingBudget``): a namespaced cap on the spend of a set of runs per period.
+BUDGET_KIND = "TrainingBudget"
+BUDGET_PLURAL = "trainingbudgets"
+BUDGET_SINGULAR = "trainingbudget"
+BUDGET_SHORT_NAMES = ["tb"]

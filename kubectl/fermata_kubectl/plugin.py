@@ -7,6 +7,8 @@
 * ``kubectl fermata suspend NAME`` / ``resume NAME`` — set ``spec.suspend`` (the operator
   checkpoints and releases the GPU, or resumes from the last verified checkpoint).
 * ``kubectl fermata logs NAME [--tail N] [-f]`` — the current trainer pod's log.
+* ``kubectl fermata tensorboard NAME [--port P] [--print]`` — mirror the run's TensorBoard events
+  to a local cache and serve them (``fermata_kubectl.tensorboard_view``), or print the commands.
 
 Installed as the ``kubectl-fermata`` console script, which kubectl finds on ``PATH``. Flags:
 ``--kubeconfig``, ``--context``, ``-n/--namespace`` (default: the context's namespace).
@@ -641,7 +643,46 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tail", type=int, default=None, help="only the last N lines")
     p.add_argument("-f", "--follow", action="store_true", help="stream the log")
     p.add_argument("-p", "--previous", action="store_true", help="the previous container instance's log")
+    _tensorboard_parser(sub, common)
     return parser
+
+
+def _tensorboard_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    from fermata_kubectl import tensorboard_view as tb
+
+    p = sub.add_parser(
+        "tensorboard",
+        parents=[common],
+        help="mirror the run's TensorBoard events locally and serve them",
+        description=(
+            "Mirror <spec.storage.checkpoints>/tensorboard/ into a local cache (incrementally, again "
+            "every --refresh seconds) and serve it with TensorBoard on 127.0.0.1. S3 is read with "
+            "YOUR OWN AWS environment (AWS_PROFILE, AWS_ACCESS_KEY_ID..., SSO, AWS_ENDPOINT_URL_S3), "
+            "not with the run's spec.storage.credentialsSecret."
+        ),
+    )
+    p.add_argument("name")
+    p.add_argument("--port", type=int, default=tb.DEFAULT_PORT, help=f"default {tb.DEFAULT_PORT}")
+    p.add_argument("--print", action="store_true", help="print the sync and serve commands instead")
+    p.add_argument(
+        "--cache-dir", type=Path, default=None, help="local mirror (default: ~/.cache/fermata/tensorboard)"
+    )
+    p.add_argument(
+        "--refresh",
+        type=float,
+        default=tb.DEFAULT_REFRESH_SECONDS,
+        help=f"seconds between syncs while serving (0: once; default {tb.DEFAULT_REFRESH_SECONDS:g})",
+    )
+
+
+def _tensorboard(run: dict[str, Any], args: argparse.Namespace, out: Any, err: Any) -> int:
+    from fermata_kubectl import tensorboard_view as tb
+
+    view = tb.run_view(run, args.cache_dir or tb.default_cache_dir())
+    if args.print:
+        out.write(tb.render_commands(view, args.port))
+        return 0
+    return tb.serve(view, args.port, args.refresh, out, err)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -684,6 +725,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         elif args.command == "logs":
             cluster.logs(run, args.tail, args.follow, args.previous, out)
+        elif args.command == "tensorboard":
+            return _tensorboard(run, args, out, err)
         return 0
     except PluginError as exc:
         err.write(f"error: {exc}\n")

@@ -22,7 +22,7 @@ from kubernetes.client.exceptions import ApiException
 
 from fermata_api import TERMINAL_PHASES, contract
 from fermata_api.meta import ANNOTATION_STOP_REASON, LABEL_RUN, OPERATOR_FIELD_MANAGER, POD_FINALIZER
-from fermata_operator import metrics, planner
+from fermata_operator import metrics, planner, team_budgets
 from fermata_operator.notifier import Notifier
 from fermata_operator.price_source import PriceSource
 from fermata_operator.settings import OperatorSettings
@@ -244,14 +244,18 @@ class RunController:
         run: dict[str, Any],
         pods: list[dict[str, Any]],
         nodes: dict[str, dict[str, Any]],
+        team: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None,
     ) -> float | None:
-        """One reconcile of one run; returns seconds until it wants to run again."""
+        """One reconcile of one run; returns seconds until it wants to run again (``team``: the
+        namespace's TrainingBudgets and TrainingRuns, from the watch caches)."""
         started = time.monotonic()
         run, tampered = self.restore(self.freshest(run))
         ns, name = run["metadata"]["namespace"], run["metadata"]["name"]
         try:
             obs = self.observe(run, pods, nodes)
             obs.tampered = tampered
+            if team is not None and team[0]:
+                obs.team_budgets = team_budgets.facts_for_run(run, team[0], team[1], obs.now)
             plan = planner.plan(obs, self.settings)
             self.execute(run, plan, obs.now)
             metrics.observe_run(run, plan.status)

@@ -12,6 +12,7 @@ before status updates catch up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -26,18 +27,23 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from fermata_api import contract
-from fermata_api.meta import LABEL_RUN, POD_FINALIZER
+from fermata_api.meta import BUDGET_PLURAL, LABEL_RUN, POD_FINALIZER
 from fermata_operator import metrics
 from fermata_operator.controller import RunController, api_message
 from fermata_operator.kube import api_client
 from fermata_operator.notifier import Notifier
 from fermata_operator.price_source import PriceSource
 from fermata_operator.settings import OperatorSettings
+from fermata_operator.team_budgets import BudgetController
 from fermata_operator.views import NodeView
 
 log = structlog.get_logger("fermata.handlers")
 RESOURCE = (contract.API_GROUP, contract.API_VERSION, contract.PLURAL)
 _WAKERS: dict[tuple[str, str], asyncio.Event] = {}
+BUDGETS = (contract.API_GROUP, contract.API_VERSION, BUDGET_PLURAL)
+#: One loop per namespace with TrainingBudgets (no kopf daemon: those would need a finalizer).
+_BUDGET_WAKERS: dict[str, asyncio.Event] = {}
+_BUDGET_LOOPS: dict[str, asyncio.Task[None]] = {}
 #: kopf's finalizer on each TrainingRun (it keeps a run until its daemon has stopped).
 OPERATOR_FINALIZER = "fermata.dev/operator"
 
@@ -114,6 +120,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         )
     await asyncio.to_thread(ctl.prices.table)
     memo["controller"] = ctl
+    memo["budgets"] = BudgetController(ctl.api, cost_write_seconds=opsettings.cost_write_seconds)
     memo["gate"] = ReconcileGate(opsettings.workers)
     port = int(os.environ.get("FERMATA_METRICS_PORT", "0") or 0)
     if port:
@@ -209,10 +216,85 @@ async def namespace_changed(*, name: str, body: kopf.Body, memo: Any, **_: Any) 
         _wake(*key)
 
 
+@kopf.index(*RESOURCE)
+def runs_by_namespace(*, namespace: str | None, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {namespace: dict(body)}
+
+
+@kopf.index(*BUDGETS)
+def budgets_by_namespace(*, namespace: str | None, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {namespace: dict(body)}
+
+
+def _team(namespace: str, kwargs: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The namespace's TrainingBudgets and TrainingRuns, from the watch caches."""
+    budgets: kopf.Index[Any, Any] = kwargs["budgets_by_namespace"]
+    runs: kopf.Index[Any, Any] = kwargs["runs_by_namespace"]
+    found = [dict(b) for b in budgets.get(namespace, [])]
+    if not found:
+        return [], []  # the common case: no budget, nothing to copy
+    return found, [dict(r) for r in runs.get(namespace, [])]
+
+
+async def budget_loop(namespace: str, memo: Any, kwargs: Mapping[str, Any]) -> None:
+    """Keeps the namespace's TrainingBudgets' status current: on a change of a budget or a run,
+    and when a clock is due (a threshold crossed at the current burn rate, the period's end)."""
+    wake = _BUDGET_WAKERS.setdefault(namespace, asyncio.Event())
+    ctl: BudgetController = memo["budgets"]
+    resync = _controller(memo).settings.resync_seconds
+    try:
+        while True:
+            wake.clear()
+            budgets, runs = _team(namespace, kwargs)
+            if not budgets:
+                await asyncio.to_thread(ctl.refresh, namespace, [], [])  # forget their metrics
+                return
+            try:
+                delay = await asyncio.to_thread(ctl.refresh, namespace, budgets, runs)
+            except Exception:
+                delay = 10.0
+                log.exception("budget refresh failed", namespace=namespace, retry_in=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout=max(0.5, min(delay, resync)))
+            await asyncio.sleep(0.2)  # let bursts of events settle into one refresh
+    finally:
+        _BUDGET_LOOPS.pop(namespace, None)
+        _BUDGET_WAKERS.pop(namespace, None)
+
+
+def _wake_budgets(namespace: str) -> None:
+    event = _BUDGET_WAKERS.get(namespace)
+    if event is not None:
+        event.set()
+
+
+@kopf.on.event(*BUDGETS)
+async def budget_changed(
+    *, namespace: str | None, type: str | None, body: kopf.Body, memo: Any, **kwargs: Any
+) -> None:
+    """A TrainingBudget changed: refresh its status; unless this is the echo of our own status
+    write, wake the namespace's runs (a run refused for lack of budget may start now)."""
+    if namespace is None:
+        return
+    if namespace not in _BUDGET_LOOPS:
+        _BUDGET_LOOPS[namespace] = asyncio.create_task(budget_loop(namespace, memo, kwargs))
+    _wake_budgets(namespace)
+    if type == "DELETED" or not memo["budgets"].is_own_write(dict(body)):
+        for key in [k for k in _WAKERS if k[0] == namespace]:
+            _wake(*key)
+
+
+@kopf.on.cleanup()
+async def stop_budget_loops(**_: Any) -> None:
+    for task in list(_BUDGET_LOOPS.values()):
+        task.cancel()
+
+
 @kopf.on.event(*RESOURCE)
 async def run_changed(*, namespace: str | None, name: str, body: kopf.Body, memo: Any, **_: Any) -> None:
     if namespace is None:
         return
+    _wake_budgets(namespace)
     if _controller(memo).is_own_write(dict(body)):
         return  # the echo of our own status write: nothing new to act on
     _wake(namespace, name)
@@ -248,7 +330,8 @@ async def run_loop(
             try:
                 pods = [dict(p) for p in pods_by_run.get(key, [])]
                 nodes = _nodes_of(pods, nodes_by_name)
-                delay = await asyncio.to_thread(ctl.reconcile, dict(body), pods, nodes)
+                team = _team(namespace, kwargs)
+                delay = await asyncio.to_thread(ctl.reconcile, dict(body), pods, nodes, team)
                 failures = 0
             except ApiException as exc:
                 failures += 1

@@ -45,6 +45,15 @@ TAMPERING = Counter(
 DECISIONS = Counter(
     "fermata_decisions_total", "Decisions the operator took, by Event reason", ["namespace", "reason"]
 )
+_BUDGET = ["namespace", "budget"]
+TEAM_BUDGET_SPENT_USD = Gauge(
+    "fermata_team_budget_spent_usd",
+    "Spend of a TrainingBudget's selected runs in its current period",
+    _BUDGET,
+)
+TEAM_BUDGET_CAP_USD = Gauge(
+    "fermata_team_budget_cap_usd", "A TrainingBudget's cap per period (periodUSD)", _BUDGET
+)
 
 
 def _age(value: Any, now: datetime) -> float | None:
@@ -102,3 +111,16 @@ def forget_run(namespace: str, name: str) -> None:
     for d in Decision:
         with contextlib.suppress(KeyError):
             DECISION.remove(namespace, name, d.value)
+
+
+def observe_budget(namespace: str, budget: str, cap_usd: float, spent_usd: float) -> None:
+    """Refresh a TrainingBudget's gauges."""
+    TEAM_BUDGET_SPENT_USD.labels(namespace, budget).set(spent_usd)
+    TEAM_BUDGET_CAP_USD.labels(namespace, budget).set(cap_usd)
+
+
+def forget_budget(namespace: str, budget: str) -> None:
+    """Drop a deleted TrainingBudget's series."""
+    for gauge in (TEAM_BUDGET_SPENT_USD, TEAM_BUDGET_CAP_USD):
+        with contextlib.suppress(KeyError):
+            gauge.remove(namespace, budget)

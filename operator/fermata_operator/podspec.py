@@ -16,6 +16,7 @@ from fermata_api.meta import (
     CAPACITY_LABELS,
     GPU_RESOURCE,
     INSTANCE_TYPE_LABEL,
+    KUEUE_LABELS,
     LABEL_COMPONENT,
     LABEL_INCARNATION,
     LABEL_MANAGED_BY,
@@ -236,6 +237,20 @@ def _env(spec: TrainingRunSpec, incarnation: int, resume_env: list[dict[str, Any
     return env
 
 
+def kueue_labels(run: dict[str, Any]) -> dict[str, str]:
+    """The run's Kueue labels (queue name, workload priority class), for its trainer pods.
+
+    With them Kueue's plain-pod integration queues each trainer pod as a single-pod Workload
+    (one pod per run, whatever its GPU count: no pod group). The ``kueue.x-k8s.io/admission``
+    scheduling gate is *not* added here: Kueue's pod webhook adds it (with the
+    ``kueue.x-k8s.io/managed`` label) exactly to the pods Kueue manages, and removes it on
+    admission. A gate added by the operator would hold a pod forever wherever Kueue does not
+    manage it (Kueue not installed, its pod integration off, or the namespace outside its
+    ``managedJobsNamespaceSelector``)."""
+    found = (run.get("metadata") or {}).get("labels") or {}
+    return {k: str(found[k]) for k in KUEUE_LABELS if found.get(k)}
+
+
 def trainer_pod(
     run: dict[str, Any],
     spec: TrainingRunSpec,
@@ -251,6 +266,7 @@ def trainer_pod(
     run_name = run["metadata"]["name"]
     meta = _meta(run, pod_name(run_name, incarnation))
     meta["labels"][LABEL_INCARNATION] = str(incarnation)
+    meta["labels"].update(kueue_labels(run))
     meta["annotations"] = {ANNOTATION_CAPACITY: capacity.value}
     meta["finalizers"] = [POD_FINALIZER]
     res = spec.resources

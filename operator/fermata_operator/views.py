@@ -136,6 +136,8 @@ class PodView:
     message: str | None
     container: ContainerView
     conditions: dict[str, PodCondition] = field(default_factory=dict)
+    #: ``spec.schedulingGates`` names: the scheduler leaves the pod alone while any is left.
+    scheduling_gates: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, pod: dict[str, Any]) -> PodView:
@@ -170,6 +172,9 @@ class PodView:
             message=status.get("message"),
             container=ContainerView.of(status.get("containerStatuses") or []),
             conditions=conditions,
+            scheduling_gates=tuple(
+                str(g.get("name")) for g in spec.get("schedulingGates") or [] if isinstance(g, dict)
+            ),
         )
 
     @property

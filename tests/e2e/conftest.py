@@ -17,7 +17,7 @@ from kubernetes.client.exceptions import ApiException
 
 from fermata_api import contract
 from fermata_dev.cluster import LocalControlPlane
-from fermata_operator.crdgen import render
+from fermata_operator.crdgen import render, render_budget
 
 GROUP, VERSION, PLURAL = contract.API_GROUP, contract.API_VERSION, contract.PLURAL
 
@@ -28,6 +28,12 @@ def crd(control_plane: LocalControlPlane, tmp_path_factory: pytest.TempPathFacto
     path.write_text(render())
     control_plane.kubectl("apply", "--server-side", "-f", str(path), check=True)
     control_plane.kubectl("wait", "--for=condition=Established", "crd/trainingruns.fermata.dev", check=True)
+    budget = path.parent / "budget-crd.yaml"
+    budget.write_text(render_budget())
+    control_plane.kubectl("apply", "--server-side", "-f", str(budget), check=True)
+    control_plane.kubectl(
+        "wait", "--for=condition=Established", "crd/trainingbudgets.fermata.dev", check=True
+    )
 
 
 @pytest.fixture

@@ -540,8 +540,9 @@ def test_operator_identity_is_limited(k8s_api: Any, release: Release, tenant: st
     )
     # As another ServiceAccount, from another image.
     other_sa = {**good, "spec": {**good["spec"], "serviceAccountName": "default"}}
-    assert "run as their run's trainer ServiceAccount (limits-trainer), not default" in _policy_refusal(
-        lambda: core.create_namespaced_pod(tenant, other_sa, dry_run="All")
+    assert (
+        "run as their run's trainer ServiceAccount (limits-trainer) or one of tenancy.allowedServiceAccounts, not default"
+        in _policy_refusal(lambda: core.create_namespaced_pod(tenant, other_sa, dry_run="All"))
     )
     miner = yaml.safe_load(yaml.safe_dump(good))
     miner["spec"]["containers"][0]["image"] = "docker.io/evil/miner:1"

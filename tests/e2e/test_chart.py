@@ -207,6 +207,8 @@ def test_rendering_modes(helm: Path) -> None:
         ("", "events"): ("create", "patch"),
         ("fermata.dev", "trainingruns"): ("get", "list", "watch", "patch", "delete"),
         ("fermata.dev", "trainingruns/status"): ("get", "patch"),
+        ("fermata.dev", "trainingbudgets"): ("get", "list", "watch"),
+        ("fermata.dev", "trainingbudgets/status"): ("get", "patch"),
         ("kopf.dev", "kopfpeerings"): ("get", "list", "watch", "patch"),
     }
 

@@ -3,7 +3,11 @@
 * :class:`GpuMonitor` — NVML utilisation (mean of the samples taken since the last report) and
   memory in use, when an NVIDIA driver is present; ``None`` otherwise.
 * :class:`TensorBoardSink` — ``SummaryWriter`` event files in the work dir, mirrored to
-  ``<storage>/tensorboard/`` whenever :meth:`TensorBoardSink.sync` runs.
+  ``<storage>/tensorboard/`` whenever :meth:`TensorBoardSink.sync` runs. The training loop
+  writes ``train/*`` every step, ``validation/*`` and ``authenticity/*`` at evaluations, and at
+  every status report ``gpu/utilization`` and ``gpu/memory_bytes`` (only when NVML has values)
+  and ``cost/accrued_usd`` (only once a reply from the API carried ``status.cost``).
+  ``kubectl fermata tensorboard NAME`` mirrors and serves them.
 * :class:`ProgressBar` — tqdm with ETA, only when stderr is a terminal (pod logs stay clean).
 """
 

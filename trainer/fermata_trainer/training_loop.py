@@ -299,9 +299,11 @@ class Trainer:
         self._samples_since_report = 0
         self._report_clock = now
         self._last_report = now
+        progress: TrainerProgress | None = None
         try:
+            progress = self._progress(self.state)
             status = TrainerStatus(
-                progress=self._progress(self.state),
+                progress=progress,
                 last_checkpoint=self.last_checkpoint,
                 artifacts=self.artifacts if self.artifacts.best or self.artifacts.final else None,
             )
@@ -326,6 +328,23 @@ class Trainer:
                     )
                 self.pending_request = request
             self._pick_up_evaluation_request(control.evaluation_request, response)
+        self._log_telemetry(progress)
+
+    def _log_telemetry(self, progress: TrainerProgress | None) -> None:
+        """GPU use and the run's accrued cost as TensorBoard scalars at every report; only the
+        values known: no ``gpu/*`` without NVML (a CPU run), no ``cost/*`` before a reply from the
+        API has carried ``status.cost``."""
+        if self.tensorboard is None:
+            return
+        memory = progress.gpu_memory_bytes if progress is not None else None
+        self.tensorboard.scalars(
+            self.step,
+            {
+                "gpu/utilization": progress.gpu_utilization if progress is not None else None,
+                "gpu/memory_bytes": float(memory) if memory is not None else None,
+                "cost/accrued_usd": self.cost_seen["accruedUSD"] if self.cost_seen else None,
+            },
+        )
 
     def _pick_up_evaluation_request(
         self, request: EvaluationRequest | None, response: dict[str, Any]

@@ -83,6 +83,13 @@ trainingruns/status; RBAC lets it create them only because it holds those verbs 
 - apiGroups: [fermata.dev]
   resources: [trainingruns/status]
   verbs: [get, patch]
+# TrainingBudgets (team budgets): watched (kopf index); their status written. No finalizer.
+- apiGroups: [fermata.dev]
+  resources: [trainingbudgets]
+  verbs: [get, list, watch]
+- apiGroups: [fermata.dev]
+  resources: [trainingbudgets/status]
+  verbs: [get, patch]
 {{- if include "fermata.peering" . }}
 {{- if not (include "fermata.clusterwide" .) }}
 # kopf peering (replicaCount > 1): replicas announce themselves in the KopfPeering.

@@ -8,7 +8,8 @@
     deadline / budget ─────────► stop
     spec.suspend ──────────────► suspended (pods stopped, GPU released)
     no current pod ────────────► wait out a backoff, or create the next incarnation
-    current pod:  Unscheduled ─► WaitingForCapacity      Starting ──► Pending
+    current pod:  Queued ──────► Queued (gated: not billed, no idle clock)
+                  Unscheduled ─► WaitingForCapacity      Starting ──► Pending
                   Running ─────► idle, plateau, gates, termination notice, ETA
                   Succeeded ───► final gate, Succeeded   ConfigError ► Failed
                   Interrupted ─► spot policy             Failed ────► retry policy
@@ -48,6 +49,7 @@ from fermata_operator.policies import (
     retry,
     spot,
     suspend,
+    team_budget,
 )
 from fermata_operator.policies.pod_outcome import TERMINATING_PATIENCE_SECONDS, Kind, Outcome
 from fermata_operator.settings import OperatorSettings
@@ -69,7 +71,7 @@ def plan(obs: Observed, settings: OperatorSettings) -> Plan:
     if obs.namespace_terminating or obs.run["metadata"].get("deletionTimestamp"):
         return winding_down(p)
     checkpoint_check(p)
-    for guard in (deadline_guard, budget_guard):
+    for guard in (deadline_guard, budget_guard, team_budget_guard):
         done = guard(p)
         if done is not None:
             return done
@@ -137,6 +139,17 @@ def budget_guard(p: Pass) -> Plan | None:
     return stopping.stop(p, v.stop) if v.stop is not None else None
 
 
+def team_budget_guard(p: Pass) -> Plan | None:
+    """The team budgets selecting a run that has started: warn, or stop it at the cap (a run
+    that never started is admitted, or not, before its first pod: :func:`pods.start_next`)."""
+    if not p.obs.team_budgets or (p.st.start_time is None and not p.active_pods()):
+        return None
+    previous = cond.get(p.st.conditions, cond.TEAM_BUDGET)
+    v = team_budget.guard(p.obs.team_budgets, previous.reason if previous else None, p.now)
+    p.apply(v)
+    return stopping.stop(p, v.stop) if v.stop is not None else None
+
+
 # ----------------------------------------------------------------------------- suspend
 
 
@@ -183,7 +196,9 @@ def current_pod(p: Pass) -> Plan:
         pods.track_current(p, pod, outcome)
         if p.active(pod) and respec(p, pod):
             return p.finish_at(stopping.WINDING_DOWN_POLL_SECONDS)
-    if outcome.kind is not Kind.unscheduled:
+    if outcome.kind is not Kind.queued:
+        admitted(p)
+    if outcome.kind not in {Kind.queued, Kind.unscheduled}:
         placed(p, pod)
     return HANDLERS[outcome.kind](p, pod, outcome)
 
@@ -210,6 +225,29 @@ def placed(p: Pass, pod: PodView | None) -> None:
         p.set_condition(cond.WAITING_FOR_CAPACITY, False, "Scheduled", f"placed on {node}")
     if node:
         p.set_condition(cond.POD_SCHEDULED, True, "Scheduled", f"placed on {node}")
+
+
+def admitted(p: Pass) -> None:
+    """The pod's scheduling gates are gone (Kueue admitted its Workload), or it ended."""
+    if cond.is_true(p.st.conditions, cond.QUEUED):
+        p.set_condition(cond.QUEUED, False, "Admitted", "the pod's scheduling gates were removed")
+
+
+def queued(p: Pass, pod: PodView | None, outcome: Outcome) -> Plan:
+    """Held by scheduling gates (Kueue's ``kueue.x-k8s.io/admission`` until its Workload is
+    admitted): Pending, not billed (no node), no idle clock (only a running pod has one), and
+    not ``WaitingForCapacity`` (the queue, not the cluster, holds it: no capacity fallback)."""
+    st = p.st
+    st.phase = Phase.pending
+    st.waiting_for_capacity_since = None
+    msg = f"queued: {outcome.message}"
+    if not cond.is_true(st.conditions, cond.QUEUED):
+        p.event("Normal", "Queued", f"pod {p.current_name} {outcome.message}")
+    p.set_condition(cond.QUEUED, True, outcome.reason, outcome.message)
+    p.set_condition(cond.POD_SCHEDULED, False, outcome.reason, outcome.message)
+    p.set_condition(cond.READY, False, "Queued", msg)
+    st.message = msg
+    return p.finish()
 
 
 def unscheduled(p: Pass, pod: PodView | None, outcome: Outcome) -> Plan:
@@ -414,6 +452,7 @@ def lost(p: Pass, pod: PodView | None, outcome: Outcome) -> Plan:
 
 
 HANDLERS: dict[Kind, Callable[[Pass, PodView | None, Outcome], Plan]] = {
+    Kind.queued: queued,
     Kind.unscheduled: unscheduled,
     Kind.starting: starting,
     Kind.running: running,

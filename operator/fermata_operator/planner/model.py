@@ -8,6 +8,7 @@ from typing import Any
 
 from fermata_operator.policies.effects import Event
 from fermata_operator.policies.prices import PriceTable
+from fermata_operator.policies.team_budget import BudgetFacts
 
 #: Status keys the trainer owns; the operator never writes them.
 TRAINER_KEYS = frozenset({"progress", "lastCheckpoint", "artifacts"})
@@ -31,6 +32,8 @@ class Observed:
     tampered: list[str] = field(default_factory=list)
     #: The run's namespace is being deleted: pods going away are not interruptions.
     namespace_terminating: bool = False
+    #: The team budgets (TrainingBudgets) that select this run, resolved before planning.
+    team_budgets: list[BudgetFacts] = field(default_factory=list)
 
 
 @dataclass

@@ -7,6 +7,7 @@ import json
 from datetime import datetime, timedelta
 
 from fermata_api import (
+    CapacityType,
     CreationBlocked,
     Phase,
     PodStatusSummary,
@@ -18,7 +19,7 @@ from fermata_api import conditions as cond
 from fermata_operator import podspec
 from fermata_operator.planner.context import Pass, operator_status
 from fermata_operator.planner.model import Plan
-from fermata_operator.policies import cost, prices, spot
+from fermata_operator.policies import cost, prices, spot, team_budget
 from fermata_operator.policies.effects import Event
 from fermata_operator.policies.pod_outcome import Outcome
 from fermata_operator.views import PodView
@@ -94,6 +95,30 @@ def _price_unknown(p: Pass, missing: list[str]) -> Plan:
     return p.finish()
 
 
+def _team_budget_refuses(p: Pass, capacity: CapacityType) -> Plan | None:
+    """A run that never started gets its first pod only if the team budgets selecting it can
+    cover its first hour (at the highest price of its allowed instance types)."""
+    assert p.spec is not None
+    if not p.obs.team_budgets and cond.get(p.st.conditions, cond.TEAM_BUDGET) is not None:
+        p.set_condition(cond.TEAM_BUDGET, True, "NoTeamBudget", "no team budget selects the run")
+    if not p.obs.team_budgets or p.st.start_time is not None:
+        return None
+    types = p.spec.resources.instance_types
+    found = [p.obs.prices.lookup(t, capacity.value, p.spec.budget.prices) for t in types]
+    hourly = None if not found or None in found else max(f for f in found if f is not None)
+    v = team_budget.admit(p.obs.team_budgets, hourly, p.now)
+    old = cond.get(p.st.conditions, cond.TEAM_BUDGET)
+    p.apply(v)
+    refusal = next((c for c in v.conditions if not c.status), None)
+    if refusal is None:
+        return None
+    if old is None or old.reason != refusal.reason:
+        p.event("Warning", refusal.reason, refusal.message)
+    p.set_condition(cond.READY, False, refusal.reason, refusal.message)
+    p.st.phase, p.st.message = p.st.phase or Phase.pending, refusal.message
+    return p.finish()
+
+
 def start_next(p: Pass) -> Plan:
     """No current pod: wait out a backoff, or create the next incarnation."""
     assert p.spec is not None
@@ -106,6 +131,9 @@ def start_next(p: Pass) -> Plan:
     missing = prices.unpriced_types(spec.resources, [capacity], p.obs.prices, spec.budget.prices)
     if missing:
         return _price_unknown(p, missing)
+    refused_by_team = _team_budget_refuses(p, capacity)
+    if refused_by_team is not None:
+        return refused_by_team
     if st.capacity is not None and st.capacity != capacity.value:
         p.event("Normal", "CapacityChanged", f"next pod on {capacity.value}: {why}")
     # The run's own newest verified checkpoint (its digest checked by the trainer); else a

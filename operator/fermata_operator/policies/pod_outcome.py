@@ -6,7 +6,10 @@ This is where spot interruptions are told apart from application failures:
   condition (``PreemptionByScheduler``, ``DeletionByTaintManager``,
   ``EvictionByEvictionAPI``, ``DeletionByPodGC``, ``TerminationByKubelet``); its status reason
   is an eviction or node shutdown; it was deleted by someone other than the operator; its node
-  was deleted or carries a termination taint.
+  was deleted or carries a termination taint; Kueue's ``TerminationTarget`` condition (set
+  before Kueue deletes a pod whose Workload was preempted or otherwise evicted).
+* **Queued** (not running, not billed, not idle): the pod is unplaced and still has scheduling
+  gates (Kueue's ``kueue.x-k8s.io/admission`` until its Workload is admitted).
 * **Failure**: the container exited non-zero on its own (exit code, ``OOMKilled``).
 * **Config error** (permanent, not retried): the trainer's exit code 2, or a pod that cannot
   start because of its own spec (missing Secret / ConfigMap, an invalid image name). Image pull
@@ -26,6 +29,7 @@ from datetime import datetime
 from enum import Enum
 
 from fermata_api import EXIT_CONFIG_ERROR
+from fermata_api.meta import KUEUE_TERMINATION_CONDITION
 from fermata_operator.views import NodeView, PodView
 
 INTERRUPTION_POD_REASONS = {"Evicted", "Preempting", "Shutdown", "NodeShutdown", "Terminated", "NodeLost"}
@@ -43,6 +47,7 @@ TERMINATING_PATIENCE_SECONDS = 30.0
 
 
 class Kind(str, Enum):
+    queued = "Queued"  # held by scheduling gates (a queue such as Kueue has not admitted it)
     unscheduled = "Unscheduled"
     starting = "Starting"
     running = "Running"
@@ -78,6 +83,9 @@ def _interruption(pod: PodView, node: NodeView | None, node_missing: bool) -> st
     taint = node.termination_taint if node is not None else None
     if disruption is not None and disruption.status == "True":
         return disruption.reason or "DisruptionTarget"
+    evicted = pod.conditions.get(KUEUE_TERMINATION_CONDITION)
+    if evicted is not None and evicted.status == "True":
+        return f"Kueue{evicted.reason or KUEUE_TERMINATION_CONDITION}"
     if pod.reason in INTERRUPTION_POD_REASONS:
         return pod.reason
     if pod.node_name and node_missing:
@@ -94,7 +102,7 @@ def _ended(pod: PodView, interrupted: str | None) -> Outcome:
     c = pod.container
     args = (c.started, c.finished)
     if pod.phase == "Succeeded":
-        if interrupted and (pod.deleting or pod.condition_true("DisruptionTarget")):
+        if interrupted and (pod.deleting or _disrupted(pod)):
             # The trainer checkpointed on SIGTERM and exited 0: a stop from outside, not the end
             # of training (the planner double-checks with the trainer's own "Completed" report).
             msg = f"pod ended by {interrupted} after checkpointing"
@@ -114,8 +122,26 @@ def _ended(pod: PodView, interrupted: str | None) -> Outcome:
     return Outcome(Kind.failed, reason, text, c.exit_code, False, *args)
 
 
+def _disrupted(pod: PodView) -> bool:
+    """Marked for removal from outside: the kubelet's, the scheduler's or Kueue's condition."""
+    return pod.condition_true("DisruptionTarget") or pod.condition_true(KUEUE_TERMINATION_CONDITION)
+
+
+def queued(pod: PodView) -> Outcome | None:
+    """Held before scheduling by gates (``spec.schedulingGates``), if it is. The spec, not the
+    ``PodScheduled=False/SchedulingGated`` condition, is the truth: that condition lags behind
+    the gates' removal until the scheduler has looked at the pod again."""
+    if pod.node_name or not pod.scheduling_gates:
+        return None
+    names = ", ".join(pod.scheduling_gates)
+    return Outcome(Kind.queued, "SchedulingGated", f"waiting for admission (scheduling gates: {names})")
+
+
 def _pending(pod: PodView, notice: bool) -> Outcome:
     c = pod.container
+    held = queued(pod)
+    if held is not None:
+        return held
     if c.waiting_reason in PERMANENT_WAITING_REASONS:
         return Outcome(Kind.config_error, c.waiting_reason, c.waiting_message or c.waiting_reason)
     if c.waiting_reason in IMAGE_WAITING_REASONS:
@@ -141,9 +167,7 @@ def classify(pod: PodView, node: NodeView | None, node_missing: bool, now: datet
     if interrupted and (node_missing or overdue or (pod.deleting and pod.phase != "Running")):
         msg = f"pod lost: {interrupted}"
         return Outcome(Kind.interrupted, interrupted, msg, c.exit_code, True, c.started, None)
-    notice = pod.condition_true("DisruptionTarget") or (
-        node is not None and node.termination_taint is not None
-    )
+    notice = _disrupted(pod) or (node is not None and node.termination_taint is not None)
     if pod.phase == "Running":
         if pod.deleting:
             msg = f"terminating on {pod.node_name} ({interrupted}): waiting for its checkpoint"
