@@ -728,6 +728,22 @@ CASES = {
         {"serviceAccount": {"name": "team-identity"}},
         "spec.serviceAccount.name: team-identity is not allowed",
     ),
+    "pod-secret-env": (
+        {
+            "pod": {
+                "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "k"}}}]
+            }
+        },
+        "spec.pod: it hands the trainer a Secret you may not read in namespace {ns}",
+    ),
+    "pod-secret-volume": (
+        {
+            "pod": {
+                "volumes": [{"name": "creds", "projected": {"sources": [{"secret": {"name": "s3-creds"}}]}}]
+            }
+        },
+        "spec.pod: it hands the trainer a Secret you may not read in namespace {ns}",
+    ),
     "node-selector": (
         {
             "resources": {
@@ -850,6 +866,9 @@ def test_tenant_gets_what_she_may_have(alice: Any, k8s_api: Any, tenant: str) ->
             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}],
         },
     )
+    # a Secret she may read, handed to the trainer through spec.pod
+    readable = {"pod": {"envFrom": [{"secretRef": {"name": "s3-creds"}}]}}
+    create("pod-secret-readable", readable)
     identity = {"serviceAccount": {"name": "team-identity"}}
     wait_for(lambda: create("with-identity", identity), timeout=30, what="alice may name team-identity")
 
