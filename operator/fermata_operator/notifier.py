@@ -28,7 +28,18 @@ log = structlog.get_logger("fermata.notifier")
 
 #: What a user can subscribe to (chart value notifications.webhook.events).
 CATEGORIES = ("decision", "budget", "idle", "failure")
-_BUDGET = frozenset({"BudgetWarning", "BudgetExceeded", "ProjectedOverrun"})
+_BUDGET = frozenset(
+    {
+        "BudgetWarning",
+        "BudgetExceeded",
+        "ProjectedOverrun",
+        # a team's TrainingBudget (policies/team_budget.py)
+        "TeamBudgetWarning",
+        "TeamBudgetExceeded",
+        "TeamBudgetInsufficient",
+        "TeamBudgetUnknown",
+    }
+)
 _DECISION = frozenset({"Completed", "GateNoGo", "Plateau", "DeadlineExceeded"})
 _FAILURE = frozenset({"TrainerFailed", "TooManyInterruptions"})
 #: Notifications remembered for de-duplication.

@@ -71,6 +71,10 @@ def test_categories() -> None:
     assert category("Completed", {}) == "decision"
     assert category("BudgetWarning", {}) == "budget"
     assert category("BudgetExceeded", {}) == "budget"
+    from fermata_operator.policies import team_budget
+
+    for reason in (team_budget.WARNING, team_budget.EXCEEDED, team_budget.INSUFFICIENT, team_budget.UNKNOWN):
+        assert category(reason, {}) == "budget"
     assert category("Idle", {}) == "idle"
     assert category("TrainerFailed", {}) == "failure"
     assert category("ConfigError", {"stop": {"reason": "ConfigError", "phase": "Failed"}}) == "failure"
