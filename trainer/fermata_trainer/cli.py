@@ -177,7 +177,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if _wants_torchrun(config):
         return _relaunch_under_torchrun(config, config_path, args.model)
 
-    from fermata_trainer.distributed import ENV_STOP_FILE, dist_info_from_env, shutdown
+    from fermata_trainer.distributed import ENV_STOP_FILE, barrier, dist_info_from_env, shutdown
     from fermata_trainer.reporter import make_reporter
     from fermata_trainer.training_loop import Trainer
 
@@ -187,6 +187,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     trainer = Trainer(config, env, reporter=reporter, dist=dist, stop_file=stop_file)
     try:
         outcome = trainer.run()
+        # torchrun stops the other workers as soon as one exits non-zero (a stop after a
+        # checkpoint exits 3): every rank has finished, and said so, before any leaves
+        barrier(dist)
     finally:
         shutdown(dist)
     return outcome.exit_code
