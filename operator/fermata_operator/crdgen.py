@@ -186,22 +186,34 @@ def build_crd() -> dict[str, Any]:
             }
         ],
     }
+    return _crd(api.KIND, api.PLURAL, api.SINGULAR, api.SHORT_NAMES, root, api.printer_columns())
+
+
+def _crd(
+    kind: str,
+    plural: str,
+    singular: str,
+    short_names: list[str],
+    root: dict[str, Any],
+    columns: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """A namespaced fermata.dev CustomResourceDefinition with a status subresource."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": f"{api.PLURAL}.{api.API_GROUP}",
+            "name": f"{plural}.{api.API_GROUP}",
             "labels": {"app.kubernetes.io/part-of": "fermata"},
         },
         "spec": {
             "group": api.API_GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": api.KIND,
-                "listKind": f"{api.KIND}List",
-                "plural": api.PLURAL,
-                "singular": api.SINGULAR,
-                "shortNames": api.SHORT_NAMES,
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": singular,
+                "shortNames": short_names,
                 "categories": api.CATEGORIES,
             },
             "versions": [
@@ -211,7 +223,7 @@ def build_crd() -> dict[str, Any]:
                     "storage": True,
                     "schema": {"openAPIV3Schema": root},
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": api.printer_columns(),
+                    "additionalPrinterColumns": columns,
                 }
             ],
         },
@@ -254,36 +266,14 @@ def build_budget_crd() -> dict[str, Any]:
             "status": status,
         },
     }
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {
-            "name": f"{meta.BUDGET_PLURAL}.{api.API_GROUP}",
-            "labels": {"app.kubernetes.io/part-of": "fermata"},
-        },
-        "spec": {
-            "group": api.API_GROUP,
-            "scope": "Namespaced",
-            "names": {
-                "kind": meta.BUDGET_KIND,
-                "listKind": f"{meta.BUDGET_KIND}List",
-                "plural": meta.BUDGET_PLURAL,
-                "singular": meta.BUDGET_SINGULAR,
-                "shortNames": meta.BUDGET_SHORT_NAMES,
-                "categories": api.CATEGORIES,
-            },
-            "versions": [
-                {
-                    "name": api.API_VERSION,
-                    "served": True,
-                    "storage": True,
-                    "schema": {"openAPIV3Schema": root},
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": budget.budget_printer_columns(),
-                }
-            ],
-        },
-    }
+    return _crd(
+        meta.BUDGET_KIND,
+        meta.BUDGET_PLURAL,
+        meta.BUDGET_SINGULAR,
+        meta.BUDGET_SHORT_NAMES,
+        root,
+        budget.budget_printer_columns(),
+    )
 
 
 def render_budget() -> str:
