@@ -23,6 +23,7 @@ FAILED = "Failed"
 READY = "Ready"  # summary used by `kubectl wait` and Argo CD
 TAMPERED = "Tampered"  # operator-owned status was rewritten by someone else (restored)
 CHECKPOINT_AT_RISK = "CheckpointAtRisk"  # the last checkpoint nearly filled the grace period
+PREPARED = "Prepared"  # spec.preparation.mode Pod: the prepared dataset is verified
 CLEANED_UP = "CleanedUp"  # spec.ttlSecondsAfterFinished: the run's pods, ConfigMap, RBAC deleted
 
 

@@ -91,6 +91,10 @@ class PodEnv(ApiModel):
     incarnation: int = 0
     #: Scratch directory of this pod; the trainer prefers it to ``TrainerConfig.work_dir``.
     work_dir: str | None = None
+    #: spec.preparation.mode Pod: the verified dataset manifest digest and code cache key the
+    #: preparation pod produced; the trainer must find exactly these (and never tokenizes).
+    prepared_manifest_digest: str | None = None
+    prepared_codes_key: str | None = None
 
     @classmethod
     def from_environ(cls, environ: dict[str, str] | None = None) -> PodEnv:
@@ -104,6 +108,8 @@ class PodEnv(ApiModel):
             resume_explicit=env.get(ENV_RESUME_EXPLICIT, "").strip().lower() in _TRUE,
             incarnation=int(env.get(ENV_INCARNATION, "0") or 0),
             work_dir=env.get(ENV_WORK_DIR) or None,
+            prepared_manifest_digest=env.get(ENV_PREPARED_MANIFEST_DIGEST) or None,
+            prepared_codes_key=env.get(ENV_PREPARED_CODES_KEY) or None,
         )
 
 
@@ -115,6 +121,8 @@ ENV_RESUME_DIGEST = "FERMATA_RESUME_DIGEST"
 ENV_RESUME_EXPLICIT = "FERMATA_RESUME_EXPLICIT"
 ENV_INCARNATION = "FERMATA_INCARNATION"
 ENV_WORK_DIR = "FERMATA_WORK_DIR"
+ENV_PREPARED_MANIFEST_DIGEST = "FERMATA_PREPARED_MANIFEST_DIGEST"
+ENV_PREPARED_CODES_KEY = "FERMATA_PREPARED_CODES_KEY"
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 
@@ -245,12 +253,61 @@ class TrainerProgress(ApiModel):
     message: str | None = Field(default=None, description="Human-readable note (errors, skips).")
 
 
+class PreparationState(str, Enum):
+    scanning = "Scanning"  # listing, verifying and filtering the dataset (the manifest)
+    tokenizing = "Tokenizing"  # decoding, resampling, segmenting and encoding into code shards
+    verifying = "Verifying"  # re-reading the manifest and the code cache index against their digests
+    completed = "Completed"  # verified: manifestDigest and codesKey name what the trainer loads
+    failed = "Failed"
+    stopped = "Stopped"  # SIGTERM: the next preparation pod resumes
+
+
+class PreparationReport(ApiModel):
+    """What the dataset preparation reports at ``status.preparation``."""
+
+    state: PreparationState = Field(description="What the preparation is doing now.")
+    heartbeat_time: datetime = Field(description="When it last reported.")
+    pod_name: str | None = Field(default=None, description="Pod that sent the report.")
+    files_done: int = Field(default=0, ge=0, description="Clips tokenized or found in the code cache so far.")
+    files_total: int = Field(default=0, ge=0, description="Clips to tokenize (the manifest's entries).")
+    tokenized: int = Field(default=0, ge=0, description="Clips this pod decoded and encoded itself.")
+    reused: int = Field(
+        default=0, ge=0, description="Clips found already tokenized (an earlier pod's work, resumed)."
+    )
+    eta_seconds: float | None = Field(
+        default=None, ge=0, description="Seconds of tokenizing left at the measured rate."
+    )
+    manifest_uri: str | None = Field(default=None, description="URI of the dataset manifest.")
+    manifest_digest: str | None = Field(default=None, description="sha256 of the dataset manifest.")
+    codes_key: str | None = Field(default=None, description="Key of the code cache built from it.")
+    codes_uri: str | None = Field(default=None, description="Where the code cache is mirrored.")
+    started_at: datetime | None = Field(default=None, description="When this pod started preparing.")
+    finished_at: datetime | None = Field(default=None, description="When the preparation was verified.")
+    message: str | None = Field(default=None, description="Human-readable note (errors).")
+
+
+class PreparationStatus(ApiModel):
+    """The preparation pod's part of ``TrainingRun.status`` (one SSA patch under the field
+    manager :data:`~fermata_api.meta.PREPARER_FIELD_MANAGER`)."""
+
+    preparation: PreparationReport
+
+    def apply_body(self) -> dict[str, Any]:
+        return {
+            "apiVersion": f"{API_GROUP}/{API_VERSION}",
+            "kind": KIND,
+            "status": self.wire(),
+        }
+
+
 class TrainerStatus(ApiModel):
     """The trainer-owned part of ``TrainingRun.status`` (applied as one SSA patch)."""
 
     progress: TrainerProgress
     last_checkpoint: CheckpointRef | None = None
     artifacts: Artifacts | None = None
+    #: spec.preparation.mode Trainer: the trainer's own preparation report
+    preparation: PreparationReport | None = None
 
     def apply_body(self) -> dict[str, Any]:
         return {

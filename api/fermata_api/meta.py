@@ -32,6 +32,9 @@ POD_FINALIZER = "fermata.dev/cost-accounting"
 OPERATOR_FIELD_MANAGER = "fermata-operator"
 #: Field manager the trainer uses for its server-side apply on ``status``.
 TRAINER_FIELD_MANAGER = "fermata-trainer"
+#: Field manager of the preparation pod's server-side apply on ``status.preparation`` (its own,
+#: so the trainer's applies, which leave that field out, do not remove it).
+PREPARER_FIELD_MANAGER = "fermata-preparer"
 
 #: Node labels that tell a node's capacity type: label key -> {capacity type: label value}.
 CAPACITY_LABELS = {

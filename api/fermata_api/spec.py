@@ -12,7 +12,7 @@ import re
 from enum import Enum
 from typing import Annotated
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, model_validator
 from pydantic.config import JsonDict
 
 from fermata_api.base import ApiModel, Duration, cel, field_rules, pattern_rule
@@ -93,6 +93,8 @@ class ModelSpec(ApiModel):
 class DatasetSource(str, Enum):
     magnatagatune = "magnatagatune"
     manifest = "manifest"
+    #: a local path or s3:// prefix holding audio files, described from their tags and audio
+    folder = "folder"
 
 
 DEFAULT_PROXY_TAGS = [
@@ -111,22 +113,282 @@ DEFAULT_PROXY_TAGS = [
 ]
 
 
+class BpmBand(ApiModel):
+    """A tempo band in beats per minute; either edge may be left open."""
+
+    model_config = cel(
+        (
+            "!has(self.min) || !has(self.max) || self.min <= self.max",
+            "bpm.min must not exceed bpm.max",
+        ),
+    )
+
+    min: float | None = Field(default=None, gt=0, le=400, description="Lowest tempo kept (BPM).")
+    max: float | None = Field(default=None, gt=0, le=400, description="Highest tempo kept (BPM).")
+
+    @model_validator(mode="after")
+    def _min_not_above_max(self) -> BpmBand:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"bpm.min must not exceed bpm.max (min={self.min}, max={self.max})")
+        return self
+
+
+class KeyMode(str, Enum):
+    major = "major"
+    minor = "minor"
+
+
+class SilenceAction(str, Enum):
+    off = "off"
+    reject = "reject"
+    trim = "trim"
+
+
+class SilenceSpec(ApiModel):
+    """What to do with silence: nothing, reject mostly-silent clips, or trim it at both ends."""
+
+    action: SilenceAction = Field(
+        default=SilenceAction.off,
+        description=(
+            "off: keep clips as they are; reject: skip a clip whose silent share (50 ms windows "
+            "under thresholdDb) exceeds maxSilentFraction (reason 'mostly silent'); trim: cut "
+            "the silence at the start and the end of each clip before tokenizing."
+        ),
+    )
+    threshold_db: float = Field(
+        default=-50.0,
+        ge=-120,
+        le=0,
+        description="A 50 ms window whose RMS level is below this (dBFS) counts as silent.",
+    )
+    max_silent_fraction: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="action=reject: the largest share of silent windows a kept clip may have.",
+    )
+
+
+class LoudnessSpec(ApiModel):
+    """Loudness normalisation of each clip before tokenizing (ITU-R BS.1770 integrated loudness)."""
+
+    target_lufs: float = Field(
+        ge=-70, le=-5, description="Integrated loudness each clip is brought to, e.g. -14 (LUFS)."
+    )
+    peak_ceiling_dbfs: float = Field(
+        default=-1.0,
+        ge=-20,
+        le=0,
+        description=(
+            "Sample peak ceiling: a clip the gain would push above it is limited to it, so "
+            "normalisation never clips (a loud target can then be missed by the limited share)."
+        ),
+    )
+
+
+class CurationSpec(ApiModel):
+    """Which checked clips are kept and how their audio is conditioned; every filter is off by default
+    except duplicate removal."""
+
+    model_config = cel(
+        (
+            "!has(self.minDurationSeconds) || !has(self.maxDurationSeconds) || "
+            "self.minDurationSeconds <= self.maxDurationSeconds",
+            "curation.minDurationSeconds must not exceed curation.maxDurationSeconds",
+            ".minDurationSeconds",
+        ),
+    )
+
+    min_duration_seconds: float | None = Field(
+        default=None, gt=0, le=86400, description="Skip clips shorter than this (reason 'too short')."
+    )
+    max_duration_seconds: float | None = Field(
+        default=None, gt=0, le=86400, description="Skip clips longer than this (reason 'too long')."
+    )
+    min_sample_rate: int | None = Field(
+        default=None,
+        ge=1000,
+        le=768000,
+        description="Skip files recorded below this sample rate in Hz (reason 'low sample rate').",
+    )
+    min_bitrate_kbps: float | None = Field(
+        default=None,
+        gt=0,
+        le=100000,
+        description=(
+            "Skip lossy files (MP3, AAC, Ogg, Opus) whose bitrate is below this, e.g. 320 (reason "
+            "'low bitrate'). Lossless files (WAV/AIFF PCM, FLAC, ALAC) always pass this floor."
+        ),
+    )
+    bpm: BpmBand | None = Field(
+        default=None,
+        description=(
+            "Keep clips whose tempo lies in this band (reason 'bpm out of band'): the manifest "
+            "entry's bpm, else estimated from the audio (a decode per clip, only when set)."
+        ),
+    )
+    keys: list[
+        Annotated[
+            str,
+            Field(
+                max_length=16,
+                pattern="^[A-G][#b]? (major|minor)$",
+                json_schema_extra=pattern_rule(
+                    "curation.keys entries must be keys such as 'A minor' or 'F# major'"
+                ),
+            ),
+        ]
+    ] = Field(
+        default_factory=list,
+        max_length=24,
+        description=(
+            "Keep only clips in one of these keys (enharmonics match: A# minor = Bb minor; reason "
+            "'key not allowed'); the manifest entry's key, else estimated from the audio."
+        ),
+    )
+    mode: KeyMode | None = Field(
+        default=None,
+        description="Keep only clips in this mode, major or minor (reason 'key not allowed').",
+    )
+    silence: SilenceSpec = Field(
+        default_factory=SilenceSpec, description="Silence rejection or trimming (off by default)."
+    )
+    loudness: LoudnessSpec | None = Field(
+        default=None, description="Optional loudness normalisation before tokenizing (off by default)."
+    )
+    dedupe: bool = Field(
+        default=True,
+        description=(
+            "Skip a file whose audio bytes (sha256) equal an earlier kept file's (reason 'duplicate audio')."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _durations_ordered(self) -> CurationSpec:
+        low, high = self.min_duration_seconds, self.max_duration_seconds
+        if low is not None and high is not None and low > high:
+            raise ValueError(
+                "curation.minDurationSeconds must not exceed curation.maxDurationSeconds "
+                f"(min={low}, max={high})"
+            )
+        return self
+
+
+class MixSpec(ApiModel):
+    """Balance one manifest by a field of its entries (tier, sub-genre)."""
+
+    by: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern="^[A-Za-z_][A-Za-z0-9_]*$",
+        description="The manifest field whose values form the groups, e.g. tier or subgenre.",
+    )
+    weights: dict[str, Annotated[float, Field(gt=0, le=1000)]] = Field(
+        min_length=1,
+        max_length=32,
+        description=(
+            "Relative share of each group in the kept audio (seconds), e.g. {gold: 60, silver: 30, "
+            "bronze: 10}; entries of other groups are skipped (reason 'not in mix')."
+        ),
+    )
+
+
+class SourceSpec(ApiModel):
+    """One of several sources of a dataset, with its share of the mix."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern="^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Source name (unique in the dataset): the group its clips belong to.",
+    )
+    source: DatasetSource = Field(default=DatasetSource.magnatagatune, description="As dataset.source.")
+    uri: str = Field(min_length=1, max_length=2048, description="As dataset.uri.")
+    proxy_tags: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PROXY_TAGS),
+        max_length=188,
+        description="As dataset.proxyTags (source=magnatagatune).",
+    )
+    min_tags: int = Field(default=3, ge=1, le=188, description="As dataset.minTags (source=magnatagatune).")
+    genre: str | None = Field(default=None, max_length=100, description="As dataset.genre (source=folder).")
+    weight: float | None = Field(
+        default=None,
+        gt=0,
+        le=1000,
+        description=(
+            "Relative share of this source in the kept audio (seconds); give every source a weight "
+            "or none (none: all clips of every source are kept)."
+        ),
+    )
+
+
 class DatasetSpec(ApiModel):
     """Where the training audio comes from and how it is filtered."""
+
+    model_config = cel(
+        (
+            "(has(self.uri) && size(self.uri) > 0) != has(self.sources)",
+            "set dataset.uri (one source) or dataset.sources (several), not both",
+        ),
+        (
+            "!has(self.sources) || self.sources.all(s, has(s.weight)) || self.sources.all(s, !has(s.weight))",
+            "give every dataset.sources entry a weight, or none",
+            ".sources",
+        ),
+        (
+            "!has(self.mix) || (!has(self.sources) && self.source == 'manifest')",
+            "dataset.mix balances one manifest by an entry field; with dataset.sources, give each "
+            "source a weight instead",
+            ".mix",
+        ),
+    )
 
     source: DatasetSource = Field(
         default=DatasetSource.magnatagatune,
         description=(
             "magnatagatune: a MagnaTagATune tree (annotations_final.csv + mp3/) filtered by "
-            "proxyTags; manifest: a JSONL file of {audio, description[, bpm, key, tags]}."
+            "proxyTags; manifest: a JSONL file of {audio, description[, bpm, key, tags]}; folder: "
+            "a local path or s3:// prefix holding audio files (MP3, WAV, FLAC, OGG, M4A, any depth), "
+            "described from their embedded tags and estimated BPM and key."
         ),
     )
     uri: str = Field(
-        min_length=1,
+        default="",
+        max_length=2048,
         description=(
-            "Local path or s3:// URI: the MagnaTagATune root (source=magnatagatune) or the "
-            "manifest JSONL file (source=manifest)."
+            "Local path or s3:// URI: the MagnaTagATune root (source=magnatagatune), the "
+            "manifest JSONL file (source=manifest) or the folder of audio files (source=folder). "
+            "Leave empty when sources is set."
         ),
+    )
+    genre: str | None = Field(
+        default=None,
+        max_length=100,
+        description=(
+            "The collection's genre (source=folder), named in the descriptions of files whose "
+            "genre tag is empty, e.g. amapiano."
+        ),
+    )
+    sources: list[SourceSpec] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=16,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        description=(
+            "Several sources instead of source/uri, each with an optional weight: the kept audio "
+            "is balanced to the weights (see curation in docs/data-preparation.md)."
+        ),
+    )
+    mix: MixSpec | None = Field(
+        default=None,
+        description=(
+            "Balance a manifest by an entry field (e.g. tier: {gold: 60, silver: 30, bronze: 10}); "
+            "over-represented groups are down-sampled (reason 'mix balance')."
+        ),
+    )
+    curation: CurationSpec = Field(
+        default_factory=CurationSpec,
+        description="Quality filters, duplicate removal, silence and loudness handling.",
     )
     proxy_tags: list[str] = Field(
         default_factory=lambda: list(DEFAULT_PROXY_TAGS),
@@ -150,13 +412,31 @@ class DatasetSpec(ApiModel):
         gt=0,
         le=60,
         description=(
-            "Length of the training segments in seconds; shorter clips are padded and masked, never dropped."
+            "Length of the training segments in seconds; clips shorter than a segment are padded and "
+            "masked; the tail of a longer clip is kept (padded) when at least half a segment, else dropped."
         ),
     )
     verify_checksums: bool = Field(
         default=True,
         description="Verify each audio file against its recorded sha256 before tokenizing.",
     )
+
+    @model_validator(mode="after")
+    def _one_way_to_name_the_audio(self) -> DatasetSpec:
+        if bool(self.uri) == (self.sources is not None):
+            raise ValueError("set dataset.uri (one source) or dataset.sources (several), not both")
+        if self.sources is not None:
+            names = [s.name for s in self.sources]
+            if len(set(names)) != len(names):
+                raise ValueError(f"dataset.sources names must be unique: {names}")
+            if len({s.weight is None for s in self.sources}) > 1:
+                raise ValueError("give every dataset.sources entry a weight, or none")
+        if self.mix is not None and (self.sources is not None or self.source is not DatasetSource.manifest):
+            raise ValueError(
+                "dataset.mix balances one manifest by an entry field; with dataset.sources, give "
+                "each source a weight instead"
+            )
+        return self
 
 
 class Precision(str, Enum):
@@ -198,6 +478,14 @@ class TrainingSpec(ApiModel):
         description="Validation loss and authenticity every this many optimizer steps.",
     )
     seed: int = Field(default=1234, ge=0, description="Seed for data order, dropout and sampling.")
+    prompt_augmentation: bool = Field(
+        default=True,
+        description=(
+            "Vary each training clip's text prompt per epoch (a template and which of its BPM, key "
+            "and tags to name, picked by a hash of seed, epoch and clip id; the first epoch uses "
+            "the description as is). Validation and evaluation always use the description."
+        ),
+    )
     precision: Precision = Field(
         default=Precision.auto,
         description=(
@@ -472,7 +760,8 @@ class IdleSpec(ApiModel):
             "While the trainer reports Preparing or Tokenizing (scanning, decoding and "
             "tokenizing the dataset, loading the model), its step does not advance and the GPU "
             "is unused by design: only a heartbeat stale for `timeout`, or preparation lasting "
-            "longer than this, counts as idle."
+            "longer than this, counts as idle. With spec.preparation.mode Pod the same holds for "
+            "the preparation pods, the allowance counted from the first one's start."
         ),
     )
 
@@ -626,6 +915,110 @@ class CleanupSpec(ApiModel):
     )
 
 
+class PreparationMode(str, Enum):
+    pod = "Pod"
+    trainer = "Trainer"
+
+
+#: CPU instance types a preparation pod may use by default (all in the built-in price table).
+DEFAULT_PREPARATION_INSTANCE_TYPES = ["m5.xlarge", "m5.2xlarge", "m6i.xlarge", "m6i.2xlarge", "c5.2xlarge"]
+
+
+class PreparationResources(ApiModel):
+    """Where and on what the preparation pod runs (CPU capacity: no GPU is requested)."""
+
+    cpu: str = Field(
+        default="4",
+        min_length=1,
+        max_length=64,
+        json_schema_extra=_quantity("preparation.resources.cpu", "4, 500m or 1.5"),
+        description="CPU request of the preparation container.",
+    )
+    memory: str = Field(
+        default="16Gi",
+        min_length=1,
+        max_length=64,
+        json_schema_extra=_quantity("preparation.resources.memory", "16Gi or 16000Mi"),
+        description="Memory request and limit of the preparation container.",
+    )
+    instance_types: list[
+        Annotated[
+            str,
+            Field(
+                max_length=63,
+                pattern=INSTANCE_TYPE,
+                json_schema_extra=pattern_rule(
+                    "preparation.resources.instanceTypes entries must be instance type names such "
+                    "as m5.xlarge: lowercase letters, digits, '.' and '-', starting and ending with "
+                    "a letter or digit"
+                ),
+            ),
+        ]
+    ] = Field(
+        default_factory=lambda: list(DEFAULT_PREPARATION_INSTANCE_TYPES),
+        min_length=1,
+        max_length=32,
+        description=(
+            "Allowed node.kubernetes.io/instance-type values of the preparation pod; each must be "
+            "priced (spec.budget.prices or the price table), or no preparation pod starts."
+        ),
+    )
+    capacity: CapacityType = Field(
+        default=CapacityType.on_demand,
+        description=(
+            "spot or on-demand for the preparation pod (an interrupted one is re-created and "
+            "resumes where the code cache left off)."
+        ),
+    )
+    node_selector: Annotated[
+        dict[str, Annotated[str, Field(max_length=63)]], AfterValidator(_check_node_selector)
+    ] = Field(
+        default_factory=dict,
+        max_length=32,
+        json_schema_extra=field_rules(
+            (
+                f"self.all(k, k.matches('{LABEL_KEY}') && k.{_PREFIX_LENGTH})",
+                "preparation.resources.nodeSelector keys must be Kubernetes label keys: "
+                + _LABEL_KEY_MESSAGE,
+            ),
+            (
+                f"self.all(k, self[k].matches('{LABEL_VALUE}'))",
+                "preparation.resources.nodeSelector values must be Kubernetes label values: empty or "
+                + _LABEL_CHARS,
+            ),
+        ),
+        description="Extra node labels the preparation pod requires.",
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Extra tolerations for the preparation pod."
+    )
+    scratch_size: str = Field(
+        default="50Gi",
+        min_length=1,
+        max_length=64,
+        json_schema_extra=_quantity("preparation.resources.scratchSize", "50Gi or 100G"),
+        description="Size limit of the preparation pod's scratch volume (downloads, code shards).",
+    )
+
+
+class PreparationSpec(ApiModel):
+    """Where the dataset is scanned, verified, decoded and tokenized before training."""
+
+    mode: PreparationMode = Field(
+        default=PreparationMode.pod,
+        description=(
+            "Pod: a preparation pod on CPU capacity (preparation.resources) builds the dataset "
+            "manifest and the code cache first, and the GPU pod starts only once that prepared "
+            "dataset is verified (it then only loads it). Trainer: the GPU pod tokenizes itself "
+            "before training."
+        ),
+    )
+    resources: PreparationResources = Field(
+        default_factory=PreparationResources,
+        description="CPU, memory and placement of the preparation pod (mode Pod).",
+    )
+
+
 class TrainingRunSpec(ApiModel):
     """Desired state of a MusicGen fine-tuning run."""
 
@@ -748,4 +1141,11 @@ class TrainingRunSpec(ApiModel):
     )
     cleanup: CleanupSpec | None = Field(
         default=None, description="What ttlSecondsAfterFinished removes besides the run's objects."
+    )
+    preparation: PreparationSpec = Field(
+        default_factory=PreparationSpec,
+        description=(
+            "Where the dataset is prepared (manifest, decoding, tokenizing): a separate pod on CPU "
+            "capacity before the GPU pod (mode Pod, the default), or the GPU pod itself (mode Trainer)."
+        ),
     )

@@ -10,11 +10,18 @@ from typing import Any
 from pydantic import ConfigDict, Field
 
 from fermata_api.base import ApiModel
-from fermata_api.contract import Artifacts, CheckpointRef, TrainerControl, TrainerProgress
+from fermata_api.contract import (
+    Artifacts,
+    CheckpointRef,
+    PreparationReport,
+    TrainerControl,
+    TrainerProgress,
+)
 
 
 class Phase(str, Enum):
     pending = "Pending"
+    preparing = "Preparing"
     running = "Running"
     suspended = "Suspended"
     succeeded = "Succeeded"
@@ -98,6 +105,14 @@ class CostStatus(ApiModel):
     remaining_usd: float = Field(default=0.0, description="budget - accrued.")
     segments: list[CostSegment] = Field(
         default_factory=list, description="Billed spans, reconstructable from pod and node facts."
+    )
+    preparation_usd: float | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Of accruedUSD, what the preparation pods (<run>-prep-<n>, spec.preparation.mode Pod) "
+            "cost; absent when there were none."
+        ),
     )
     updated: datetime | None = Field(default=None, description="When cost was last computed.")
 
@@ -188,6 +203,33 @@ class AbortReport(ApiModel):
     time: datetime = Field(description="When the stop was decided.")
 
 
+class PreparerStatus(ApiModel):
+    """The operator's record of the preparation pods (spec.preparation.mode Pod)."""
+
+    incarnation: int = Field(default=0, ge=0, description="Preparation pods created so far minus one.")
+    pod: PodStatusSummary | None = Field(default=None, description="The current preparation pod.")
+    interruptions: int = Field(default=0, ge=0, description="Preparation pods lost to interruptions.")
+    failures: int = Field(
+        default=0, ge=0, description="Preparation pods that failed (exit 1) and were retried."
+    )
+    retry_after: datetime | None = Field(default=None, description="Next preparation pod not before.")
+    started_at: datetime | None = Field(
+        default=None,
+        description="When the first preparation pod started (idle.preparationTimeout counts from it).",
+    )
+    prepared: bool = Field(
+        default=False, description="The prepared dataset is verified: the training pod may start."
+    )
+    manifest_digest: str | None = Field(
+        default=None, description="sha256 of the verified dataset manifest the training pod must find."
+    )
+    codes_key: str | None = Field(
+        default=None, description="Key of the verified code cache the training pod must load."
+    )
+    finished_at: datetime | None = Field(default=None, description="When the preparation was verified.")
+    last_interruption: str | None = Field(default=None, description="Why the last preparation pod was lost.")
+
+
 class TrainingRunStatus(ApiModel):
     """Observed state, written by the operator (and progress/lastCheckpoint/artifacts by the trainer)."""
 
@@ -228,6 +270,18 @@ class TrainingRunStatus(ApiModel):
     progress: TrainerProgress | None = Field(default=None, description="Trainer's report.")
     last_checkpoint: CheckpointRef | None = Field(
         default=None, description="Newest verified checkpoint; the next pod resumes from it."
+    )
+    preparation: PreparationReport | None = Field(
+        default=None,
+        description=(
+            "The dataset preparation's report (written by the preparation pod, or by the trainer in "
+            "spec.preparation.mode Trainer): files done of total, reused from the code cache, ETA, "
+            "and the verified manifest digest and code cache key."
+        ),
+    )
+    preparer: PreparerStatus | None = Field(
+        default=None,
+        description="The preparation pods (spec.preparation.mode Pod), as the operator sees them.",
     )
     artifacts: Artifacts | None = Field(
         default=None,

@@ -70,6 +70,9 @@ def demo_run(data: Path, storage: Path) -> dict[str, object]:
                 }
             ],
             "storage": {"checkpoints": str(storage), "keepLast": 2},
+            # Local mode plays GPU nodes only: the GPU pod tokenizes itself (the default, a
+            # preparation pod on CPU capacity first, is tests/e2e/test_preparation.py's).
+            "preparation": {"mode": "Trainer"},
         },
     }
 

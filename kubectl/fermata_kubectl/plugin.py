@@ -152,6 +152,27 @@ def _checkpoint_rows(st: dict[str, Any], now: datetime) -> Rows:
     return [("checkpoint", f"step {ckpt.get('step')}{age}  {ckpt.get('uri')}")]
 
 
+def _preparation_rows(st: dict[str, Any]) -> Rows:
+    """The dataset preparation (status.preparation, status.preparer), when there was one."""
+    prep, tracked = st.get("preparation") or {}, st.get("preparer") or {}
+    if not prep and not tracked:
+        return []
+    parts = [str(prep.get("state") or "waiting")]
+    if prep.get("filesTotal"):
+        parts.append(f"{prep.get('filesDone', 0)}/{prep['filesTotal']} files")
+        parts.append(f"tokenized {prep.get('tokenized', 0)}  reused {prep.get('reused', 0)}")
+    if prep.get("etaSeconds") is not None and prep.get("state") == "Tokenizing":
+        parts.append(f"ETA {human_duration(float(prep['etaSeconds']))}")
+    pod = (tracked.get("pod") or {}).get("name") or prep.get("podName")
+    if pod:
+        parts.append(f"pod {pod}")
+    if tracked.get("interruptions") or tracked.get("failures"):
+        parts.append(
+            f"interruptions {tracked.get('interruptions', 0)}  failures {tracked.get('failures', 0)}"
+        )
+    return [("preparation", "  ".join(parts))]
+
+
 def _pod_rows(spec: dict[str, Any], st: dict[str, Any]) -> Rows:
     rows: Rows = []
     pod = st.get("pod")
@@ -194,6 +215,7 @@ def render_status(run: dict[str, Any], now: datetime | None = None) -> str:
         *_cost_rows(spec, st),
         *_progress_rows(st, now),
         *_checkpoint_rows(st, now),
+        *_preparation_rows(st),
         *_pod_rows(spec, st),
         *_decision_rows(st),
     ]

@@ -22,6 +22,7 @@ from kubernetes.client.exceptions import ApiException
 
 from fermata_api import TERMINAL_PHASES, contract
 from fermata_api.meta import ANNOTATION_STOP_REASON, LABEL_RUN, OPERATOR_FIELD_MANAGER, POD_FINALIZER
+from fermata_api.spec import DEFAULT_PREPARATION_INSTANCE_TYPES
 from fermata_operator import metrics, planner, team_budgets
 from fermata_operator.notifier import Notifier
 from fermata_operator.price_source import PriceSource
@@ -67,7 +68,12 @@ def _operator_part(status: dict[str, Any] | None) -> dict[str, Any]:
 
 def _instance_types(run: dict[str, Any], nodes: dict[str, dict[str, Any]]) -> set[str]:
     """The instance types a run's cost depends on: those it allows and those its pods run on."""
-    allowed = ((run.get("spec") or {}).get("resources") or {}).get("instanceTypes") or []
+    spec = run.get("spec") or {}
+    allowed = list((spec.get("resources") or {}).get("instanceTypes") or [])
+    preparation = ((spec.get("preparation") or {}).get("resources") or {}).get("instanceTypes")
+    allowed += list(preparation or []) if isinstance(preparation, list) else []
+    if not isinstance(preparation, list) and (spec.get("preparation") or {}).get("mode", "Pod") == "Pod":
+        allowed += DEFAULT_PREPARATION_INSTANCE_TYPES
     placed = {NodeView.of(n).instance_type for n in nodes.values()}
     return {str(t) for t in allowed if isinstance(t, str)} | {t for t in placed if t}
 
@@ -186,11 +192,17 @@ class RunController:
     ) -> planner.Observed:
         ns = run["metadata"]["namespace"]
         status = run.get("status") or {}
-        expected = (status.get("pod") or {}).get("name")
+        preparer = status.get("preparer") or {}
+        expected_names = [
+            (status.get("pod") or {}).get("name"),
+            None if preparer.get("prepared") else (preparer.get("pod") or {}).get("name"),
+        ]
         names = {p["metadata"]["name"] for p in pods}
         pods = list(pods)
         terminal = status.get("phase") in {p.value for p in TERMINAL_PHASES}
-        if expected and expected not in names and not terminal:
+        for expected in expected_names:
+            if not expected or expected in names or terminal:
+                continue
             # The watch cache may lag our own create: ask the API before believing it is gone.
             try:
                 pod = self.api.sanitize_for_serialization(self.core.read_namespaced_pod(expected, ns))

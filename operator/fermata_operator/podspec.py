@@ -160,12 +160,19 @@ def trainer_rbac(run: dict[str, Any], identity: ServiceAccountSpec | None = None
     ]
 
 
-def _placement(spec: TrainingRunSpec, capacity: CapacityType, settings: OperatorSettings) -> dict[str, Any]:
+def _placement(
+    instance_types: list[str],
+    capacity: CapacityType,
+    gpus: int,
+    tolerations_spec: list[Any],
+    node_selector: dict[str, str],
+    settings: OperatorSettings,
+) -> dict[str, Any]:
     """Node affinity for the capacity type (Karpenter or EKS labels) and instance types."""
     types = {
         "key": INSTANCE_TYPE_LABEL,
         "operator": "In",
-        "values": list(spec.resources.instance_types),
+        "values": list(instance_types),
     }
     terms = [
         {
@@ -177,19 +184,19 @@ def _placement(spec: TrainingRunSpec, capacity: CapacityType, settings: Operator
         for key, values in CAPACITY_LABELS.items()
     ]
     tolerations: list[dict[str, Any]] = []
-    if spec.resources.gpus > 0:
+    if gpus > 0:
         tolerations += settings.gpu_tolerations
     if capacity is CapacityType.spot:
         tolerations += settings.spot_tolerations
-    tolerations += [t.model_dump(exclude_none=True) for t in spec.resources.tolerations]
+    tolerations += [t.model_dump(exclude_none=True) for t in tolerations_spec]
     placement: dict[str, Any] = {
         "affinity": {
             "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}
         },
         "tolerations": tolerations,
     }
-    if spec.resources.node_selector:
-        placement["nodeSelector"] = dict(spec.resources.node_selector)
+    if node_selector:
+        placement["nodeSelector"] = dict(node_selector)
     return placement
 
 
@@ -251,6 +258,20 @@ def kueue_labels(run: dict[str, Any]) -> dict[str, str]:
     return {k: str(found[k]) for k in KUEUE_LABELS if found.get(k)}
 
 
+def preparation_pod_name(run_name: str, incarnation: int) -> str:
+    return f"{run_name}-prep-{incarnation}"
+
+
+def _prepared_env(manifest_digest: str | None, codes_key: str | None) -> list[dict[str, Any]]:
+    """spec.preparation.mode Pod: what the training pod must find prepared (it never tokenizes)."""
+    env: list[dict[str, Any]] = []
+    if manifest_digest:
+        env.append({"name": contract.ENV_PREPARED_MANIFEST_DIGEST, "value": manifest_digest})
+    if codes_key:
+        env.append({"name": contract.ENV_PREPARED_CODES_KEY, "value": codes_key})
+    return env
+
+
 def trainer_pod(
     run: dict[str, Any],
     spec: TrainingRunSpec,
@@ -261,20 +282,93 @@ def trainer_pod(
     resume_from: str | None,
     resume_digest: str | None = None,
     resume_explicit: bool = False,
+    prepared_manifest_digest: str | None = None,
+    prepared_codes_key: str | None = None,
 ) -> dict[str, Any]:
     """The trainer pod for one incarnation; passes the `restricted` Pod Security level."""
-    run_name = run["metadata"]["name"]
-    meta = _meta(run, pod_name(run_name, incarnation))
-    meta["labels"][LABEL_INCARNATION] = str(incarnation)
-    meta["labels"].update(kueue_labels(run))
-    meta["annotations"] = {ANNOTATION_CAPACITY: capacity.value}
-    meta["finalizers"] = [POD_FINALIZER]
     res = spec.resources
     limits: dict[str, str] = {"memory": res.memory}
     requests: dict[str, str] = {"cpu": res.cpu, "memory": res.memory}
     if res.gpus:
         limits[GPU_RESOURCE] = str(res.gpus)
         requests[GPU_RESOURCE] = str(res.gpus)
+    env = _env(spec, incarnation, _resume_env(resume_from, resume_digest, resume_explicit))
+    env.extend(_prepared_env(prepared_manifest_digest, prepared_codes_key))
+    return _pod(
+        run,
+        spec,
+        settings,
+        name=pod_name(run["metadata"]["name"], incarnation),
+        component="trainer",
+        incarnation=incarnation,
+        capacity=capacity,
+        args=["run"],
+        env=env,
+        resources={"requests": requests, "limits": limits},
+        scratch_size=res.scratch_size,
+        placement=_placement(
+            res.instance_types, capacity, res.gpus, list(res.tolerations), res.node_selector, settings
+        ),
+    )
+
+
+def preparation_pod(
+    run: dict[str, Any],
+    spec: TrainingRunSpec,
+    settings: OperatorSettings,
+    *,
+    incarnation: int,
+) -> dict[str, Any]:
+    """The preparation pod (spec.preparation.mode Pod): ``fermata-train prepare --tokenize`` on
+    CPU capacity, with the trainer pod's image, config, ServiceAccount and security context."""
+    prep = spec.preparation.resources
+    return _pod(
+        run,
+        spec,
+        settings,
+        name=preparation_pod_name(run["metadata"]["name"], incarnation),
+        component=PREPARER_COMPONENT,
+        incarnation=incarnation,
+        capacity=prep.capacity,
+        args=["prepare", "--tokenize"],
+        env=_env(spec, incarnation, []),
+        resources={
+            "requests": {"cpu": prep.cpu, "memory": prep.memory},
+            "limits": {"memory": prep.memory},
+        },
+        scratch_size=prep.scratch_size,
+        placement=_placement(
+            prep.instance_types, prep.capacity, 0, list(prep.tolerations), prep.node_selector, settings
+        ),
+    )
+
+
+#: ``app.kubernetes.io/component`` of preparation pods.
+PREPARER_COMPONENT = "preparer"
+
+
+def _pod(
+    run: dict[str, Any],
+    spec: TrainingRunSpec,
+    settings: OperatorSettings,
+    *,
+    name: str,
+    component: str,
+    incarnation: int,
+    capacity: CapacityType,
+    args: list[str],
+    env: list[dict[str, Any]],
+    resources: dict[str, Any],
+    scratch_size: str,
+    placement: dict[str, Any],
+) -> dict[str, Any]:
+    run_name = run["metadata"]["name"]
+    meta = _meta(run, name, component)
+    meta["labels"][LABEL_INCARNATION] = str(incarnation)
+    meta["labels"].update(kueue_labels(run))
+    meta["annotations"] = {ANNOTATION_CAPACITY: capacity.value}
+    meta["finalizers"] = [POD_FINALIZER]
+    res = spec.resources
     uid = settings.trainer_uid
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
@@ -295,9 +389,9 @@ def trainer_pod(
                 "image": res.image,
                 "imagePullPolicy": res.image_pull_policy,
                 "command": ["fermata-train"],
-                "args": ["run"],
-                "env": _env(spec, incarnation, _resume_env(resume_from, resume_digest, resume_explicit)),
-                "resources": {"requests": requests, "limits": limits},
+                "args": args,
+                "env": env,
+                "resources": resources,
                 "securityContext": {
                     "allowPrivilegeEscalation": False,
                     "readOnlyRootFilesystem": True,
@@ -315,10 +409,10 @@ def trainer_pod(
         ],
         "volumes": [
             {"name": "config", "configMap": {"name": config_map_name(run_name)}},
-            {"name": "scratch", "emptyDir": {"sizeLimit": res.scratch_size}},
+            {"name": "scratch", "emptyDir": {"sizeLimit": scratch_size}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},
         ],
-        **_placement(spec, capacity, settings),
+        **placement,
     }
     if res.priority_class_name:
         pod_spec["priorityClassName"] = res.priority_class_name

@@ -16,6 +16,7 @@ from fermata_api.meta import (
     ANNOTATION_STOP_REASON,
     CAPACITY_LABELS,
     INSTANCE_TYPE_LABEL,
+    LABEL_COMPONENT,
     LABEL_INCARNATION,
     POD_FINALIZER,
 )
@@ -138,6 +139,8 @@ class PodView:
     conditions: dict[str, PodCondition] = field(default_factory=dict)
     #: ``spec.schedulingGates`` names: the scheduler leaves the pod alone while any is left.
     scheduling_gates: tuple[str, ...] = ()
+    #: ``app.kubernetes.io/component``: ``trainer``, or ``preparer`` for a preparation pod.
+    component: str | None = None
 
     @classmethod
     def of(cls, pod: dict[str, Any]) -> PodView:
@@ -175,6 +178,7 @@ class PodView:
             scheduling_gates=tuple(
                 str(g.get("name")) for g in spec.get("schedulingGates") or [] if isinstance(g, dict)
             ),
+            component=_dict(meta.get("labels")).get(LABEL_COMPONENT),
         )
 
     @property

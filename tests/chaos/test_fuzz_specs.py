@@ -113,6 +113,27 @@ def _valid_string(schema: dict[str, Any]) -> st.SearchStrategy[Any] | None:
     return None
 
 
+def _one_dataset_origin(dataset: dict[str, Any]) -> dict[str, Any]:
+    """The dataset's either-or CEL rules, kept (as a user would): ``uri`` or ``sources``, every
+    source weighted or none, ``mix`` only for one manifest — else nearly every draw is refused."""
+    out = dict(dataset)
+    sources = out.get("sources")
+    if isinstance(sources, list) and sources:
+        out.pop("uri", None)
+        out.pop("mix", None)
+        if any(isinstance(x, dict) and "weight" not in x for x in sources):
+            out["sources"] = [
+                {k: v for k, v in x.items() if k != "weight"} if isinstance(x, dict) else x for x in sources
+            ]
+    else:
+        out.pop("sources", None)
+        if not out.get("uri"):
+            out["uri"] = "s3://datasets/mtat"
+        if out.get("source") != "manifest":
+            out.pop("mix", None)
+    return out
+
+
 def _valid(schema: dict[str, Any], depth: int, mutate: bool = False) -> st.SearchStrategy[Any]:
     kind = schema.get("type")
     if "enum" in schema:
@@ -129,10 +150,11 @@ def _valid(schema: dict[str, Any], depth: int, mutate: bool = False) -> st.Searc
                 st.from_regex(r"[a-z][a-z0-9./-]{0,10}", fullmatch=True), _valid(extra, depth + 1), max_size=2
             )
         required = set(schema.get("required") or [])
-        return st.fixed_dictionaries(
+        drawn = st.fixed_dictionaries(
             {k: _field(v, depth + 1, mutate) for k, v in props.items() if k in required},
             optional={k: _field(v, depth + 1, mutate) for k, v in props.items() if k not in required},
         )
+        return drawn.map(_one_dataset_origin) if {"uri", "sources"} <= set(props) else drawn
     if kind == "array":
         lo = schema.get("minItems", 0)
         return st.lists(

@@ -240,6 +240,9 @@ def spec(**overrides: Any) -> dict[str, Any]:
         "budget": {"maxUSD": 600},
         "storage": {"checkpoints": "s3://ml-runs/test/"},
         "failures": {"maxRetries": 0},
+        # The GPU pod prepares itself: these tests are about the training pod. The default (a
+        # preparation pod on CPU capacity first) is tests/e2e/test_preparation.py's.
+        "preparation": {"mode": "Trainer"},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):

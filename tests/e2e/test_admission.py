@@ -92,6 +92,24 @@ def _causes(err: ApiException) -> list[dict[str, Any]]:
             "spec.resources.image",
             "resources.image must be an image reference such as ghcr.io/org/fermata-trainer:0.1.0",
         ),
+        (
+            "bpm-band",
+            {"dataset": {"curation": {"bpm": {"min": 130, "max": 100}}}},
+            "spec.dataset.curation.bpm",
+            "bpm.min must not exceed bpm.max",
+        ),
+        (
+            "durations",
+            {"dataset": {"curation": {"minDurationSeconds": 30, "maxDurationSeconds": 10}}},
+            "spec.dataset.curation.minDurationSeconds",
+            "curation.minDurationSeconds must not exceed curation.maxDurationSeconds",
+        ),
+        (
+            "uri-and-sources",
+            {"dataset": {"sources": [{"name": "a", "source": "manifest", "uri": "s3://d/a.jsonl"}]}},
+            "spec.dataset",
+            "set dataset.uri (one source) or dataset.sources (several), not both",
+        ),
     ],
 )
 def test_bad_values_are_refused_at_admission_naming_the_field(
@@ -139,3 +157,46 @@ def test_a_spec_using_every_checked_field_is_accepted(runs: Runs) -> None:
     runs.create("plain", spec(resources={"image": "busybox"}))
     runs.delete("good")
     runs.delete("plain")
+
+
+def test_curation_and_weighted_sources_are_accepted_and_mixed_weights_refused(runs: Runs) -> None:
+    curation = {
+        "minDurationSeconds": 5,
+        "maxDurationSeconds": 600,
+        "minSampleRate": 44100,
+        "minBitrateKbps": 320,
+        "bpm": {"min": 100, "max": 130},
+        "keys": ["A minor", "F# minor"],
+        "silence": {"action": "trim"},
+        "loudness": {"targetLufs": -14},
+    }
+    sources = [
+        {"name": "classic", "source": "manifest", "uri": "s3://d/classic.jsonl", "weight": 60},
+        {"name": "private-school", "source": "manifest", "uri": "s3://d/ps.jsonl", "weight": 30},
+        {"name": "fusion", "source": "manifest", "uri": "s3://d/fusion.jsonl", "weight": 10},
+    ]
+    runs.create(
+        "curated", spec(dataset={"uri": "", "sources": sources, "curation": curation})
+    )  # spec() sets a uri
+    stored = runs.get("curated")["spec"]["dataset"]
+    assert stored["curation"]["silence"]["thresholdDb"] == -50 and stored["curation"]["dedupe"] is True
+    runs.create(
+        "mixed",
+        spec(
+            dataset={
+                "source": "manifest",
+                "uri": "s3://d/m.jsonl",
+                "mix": {"by": "tier", "weights": {"gold": 60, "silver": 30, "bronze": 10}},
+            }
+        ),
+    )
+    with pytest.raises(ApiException) as err:
+        runs.create(
+            "half-weighted",
+            spec(dataset={"uri": "", "sources": [sources[0], {**sources[1], "weight": None}]}),
+        )
+    causes = _causes(err.value)
+    assert [c["field"] for c in causes] == ["spec.dataset.sources"], causes
+    assert "give every dataset.sources entry a weight, or none" in causes[0]["message"]
+    runs.delete("curated")
+    runs.delete("mixed")

@@ -752,6 +752,21 @@ CASES = {
         },
         "spec.resources.nodeSelector: label key(s) kubernetes.io/hostname may not be selected",
     ),
+    # the preparation pod's placement is checked like the trainer pod's
+    "preparation-toleration-key": (
+        {
+            "preparation": {
+                "resources": {
+                    "tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}]
+                }
+            }
+        },
+        "taint key(s) node-role.kubernetes.io/control-plane may not be tolerated",
+    ),
+    "preparation-node-selector": (
+        {"preparation": {"resources": {"nodeSelector": {"kubernetes.io/hostname": "cpu-1"}}}},
+        "label key(s) kubernetes.io/hostname may not be selected",
+    ),
 }
 
 

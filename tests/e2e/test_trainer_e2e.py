@@ -131,6 +131,11 @@ def test_real_trainer_through_an_interruption_to_a_final_decision(
     assert st["progress"]["validationLoss"] < st["progress"]["baselineValidationLoss"]
     assert 0.0 <= st["progress"]["authenticity"] <= 1.0
     assert "resum" in logs.lower()
+    # spec.preparation.mode Trainer: the GPU pods report their own preparation; the second one
+    # found the first one's code cache
+    prep = st["preparation"]
+    assert prep["state"] == "Completed" and prep["podName"] == "e2e-1", prep
+    assert prep["reused"] == prep["filesTotal"] > 0 and prep["tokenized"] == 0
     # Both pods were billed; checkpoints, samples and the trainer's own field manager are real.
     assert [s["pod"] for s in st["cost"]["segments"]] == ["e2e-0", "e2e-1"]
     keys = [

@@ -23,6 +23,9 @@ def spec(**overrides: Any) -> dict[str, Any]:
         "budget": {"maxUSD": 600, "warnAtFraction": 0.8},
         "storage": {"checkpoints": "s3://ml-runs/demo/", "credentialsSecret": "s3-creds"},
         "training": {"batchSize": 8},
+        # Most planner tests are about the training pod: tests/operator/test_preparation.py covers
+        # the default (a preparation pod first).
+        "preparation": {"mode": "Trainer"},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):

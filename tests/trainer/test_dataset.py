@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -153,11 +154,22 @@ def test_rerun_verifies_recorded_checksums(tmp_path: Path) -> None:
     fetcher = AudioFetcher(tmp_path / "work")
     assert verify_entry(entry, fetcher) == data.paths[entry.id]
 
-    sf.write(str(data.paths[entry.id]), synth_clip(99, 1.0), 16000, format="WAV")
+    # a rewrite that keeps the file's size and mtime slips past the identity check (size +
+    # mtime_ns): the manifest is reused, and verifying the recorded digests catches it
+    path = data.paths[entry.id]
+    before = path.stat()
+    sf.write(str(path), synth_clip(99, entry.duration), 16000, format="WAV")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size
     with pytest.raises(ChecksumMismatchError, match=f"clip {entry.id}"):
         prepare_dataset(_spec(data.root), storage, tmp_path / "work", verify_reused=True)
     with pytest.raises(ChecksumMismatchError, match="changed since the manifest"):
         verify_entry(entry, fetcher)
+    # an ordinary rewrite changes the identity: that file is prepared again (test_incremental.py)
+    sf.write(str(path), synth_clip(99, 1.0), 16000, format="WAV")
+    again = prepare_dataset(_spec(data.root), storage, tmp_path / "work", verify_reused=True)
+    assert not again.reused and again.report["files"]["changed"] == 1
+    assert {e.id: e.sha256 for e in again.entries}[entry.id] == sha256_file(path)
 
 
 def test_generic_manifest(tmp_path: Path) -> None:

@@ -145,6 +145,49 @@ def test_training_on_s3_resumes_in_a_fresh_pod(
     assert second.last_checkpoint is not None and second.last_checkpoint.step == 8
 
 
+def test_a_resumed_run_keeps_its_data_and_a_new_run_sees_the_change(
+    tmp_path: Path, mtat: SyntheticMtat, make_config: ConfigFactory
+) -> None:
+    """A run's data is fixed once it has trained: a file changed under it does not change what
+    the resumed pod trains on (exact replay), while the next run at a new path prepares again."""
+    storage = tmp_path / "storage"
+    first = Trainer(make_config(storage=storage, max_steps=4, checkpoint_every=2)).run()
+    assert first.last_checkpoint is not None
+    digest = json.loads((storage / "dataset/report.json").read_text())["manifestDigest"]
+
+    changed = mtat.paths[mtat.qualifying[0]]
+    audio, rate = sf.read(str(changed), dtype="float32")
+    sf.write(str(changed), audio[::-1].copy() * 0.5, rate)  # same name, other content
+
+    decoded = decode_count()
+    second = Trainer(
+        make_config(storage=storage, work_dir=tmp_path / "pod-1", max_steps=6, checkpoint_every=2)
+    ).run()
+    assert decode_count() == decoded  # the manifest was pinned and the codes came from the mirror
+    assert second.step == 6 and second.losses[:4] == first.losses
+    assert json.loads((storage / "dataset/report.json").read_text())["manifestDigest"] == digest
+
+    third = Trainer(
+        make_config(storage=tmp_path / "next-run", work_dir=tmp_path / "pod-2", max_steps=1)
+    ).run()
+    report = json.loads((tmp_path / "next-run/dataset/report.json").read_text())
+    assert third.step == 1
+    assert report["manifestDigest"] != digest
+    changed_entry = next(
+        json.loads(line)
+        for line in (tmp_path / "next-run/dataset/manifest.jsonl").read_text().splitlines()
+        if json.loads(line)["id"] == mtat.qualifying[0]
+    )
+    assert (
+        changed_entry["sha256"]
+        != next(
+            json.loads(line)
+            for line in (storage / "dataset/manifest.jsonl").read_text().splitlines()
+            if json.loads(line)["id"] == mtat.qualifying[0]
+        )["sha256"]
+    )
+
+
 def test_reference_clips_from_a_folder(tmp_path: Path, mtat: SyntheticMtat) -> None:
     clips = reference_from_uri(str(mtat.root / "mp3"), 32000, tmp_path / "work", limit=5)
     assert len(clips) == 5

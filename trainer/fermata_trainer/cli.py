@@ -1,7 +1,7 @@
 """``fermata-train``: the trainer's command line.
 
     fermata-train run [--config PATH] [--model tiny://seed=0]
-    fermata-train prepare [--config PATH]
+    fermata-train prepare [--config PATH] [--tokenize]
     fermata-train stage-models --to s3://bucket/models [--model facebook/musicgen-small]
     fermata-train tiny-config --data DIR --storage DIR
 
@@ -196,12 +196,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    """Build (or reuse) the dataset manifest; with ``--tokenize`` (the preparation pod) also the
+    code cache, verified and reported in ``status.preparation`` (exit codes as ``run``)."""
+    from fermata_api.meta import PREPARER_FIELD_MANAGER
+    from fermata_trainer.preparation import Preparer
+    from fermata_trainer.reporter import make_reporter
+
+    env = PodEnv.from_environ()
+    config, _ = _load_config(args.config, env)
+    if args.model:
+        config.model.base = args.model
+    if args.tokenize:
+        reporter = make_reporter(config.run, PREPARER_FIELD_MANAGER)
+        return Preparer(config, env, reporter).run(tokenize=True, rebuild=args.rebuild)
+
     from fermata_trainer.checkpoints import claim_prefix
     from fermata_trainer.dataset import prepare_dataset
     from fermata_trainer.storage import open_storage
 
-    env = PodEnv.from_environ()
-    config, _ = _load_config(args.config, env)
     storage = open_storage(config.storage.checkpoints)
     claim_prefix(storage, config.run)  # it writes the dataset manifest there
     work_dir = Path(config.work_dir)
@@ -247,9 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", help="override model.base (e.g. tiny://seed=0)")
     run.set_defaults(func=cmd_run)
 
-    prepare = sub.add_parser("prepare", help="build the dataset manifest and print its report")
+    prepare = sub.add_parser(
+        "prepare",
+        help="build the dataset manifest (and with --tokenize the code cache, as the preparation pod does)",
+    )
     prepare.add_argument("--config", help="trainer.json (default: $FERMATA_CONFIG)")
     prepare.add_argument("--rebuild", action="store_true", help="ignore an existing manifest and scan again")
+    prepare.add_argument(
+        "--tokenize",
+        action="store_true",
+        help="also tokenize into the code cache, verify it and report status.preparation",
+    )
+    prepare.add_argument("--model", help="override model.base (e.g. tiny://seed=0)")
     prepare.set_defaults(func=cmd_prepare)
 
     stage = sub.add_parser(
@@ -280,10 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # `run` logs JSON lines to stdout (the pod log); the others print their result there
+    # `run` (and the preparation pod) log JSON lines to stdout (the pod log); the others print
+    # their result there
+    pod = args.command == "run" or (args.command == "prepare" and args.tokenize)
     configure_logging(
         os.environ.get("FERMATA_LOG_LEVEL", "INFO"),
-        stream=LiveStream("stdout" if args.command == "run" else "stderr"),
+        stream=LiveStream("stdout" if pod else "stderr"),
     )
     try:
         code: int = args.func(args)

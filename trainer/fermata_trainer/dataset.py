@@ -3,9 +3,12 @@
 Preparation turns the configured source into a *manifest*: one JSON line per usable clip with its
 audio URI, text prompt, split (train/validation, by a hash of the clip id), sha256 digest and
 size. The manifest and a JSON report of everything skipped (and why) are written to
-``<storage>/dataset/``. A later run with the same dataset settings reuses that manifest; the
-recorded digests are verified before any file is tokenized, so a dataset changed under a run is
-caught instead of silently trained on.
+``<storage>/dataset/``, with ``files.json``: each listed file's identity (size + mtime, or size
++ ETag on S3) and what checking it found. A later run re-lists the source: when the settings, the
+listing and every identity match, the manifest is reused as it is; otherwise it is prepared again
+incrementally — only new and changed files are fetched, decoded and hashed — and the report's
+``files`` says how many were new, reused, changed and removed. The recorded digests are verified
+before any file is tokenized, so a change the identity misses is still caught.
 
 Problems that retrying cannot fix raise :class:`DatasetError` subclasses with readable
 messages; the CLI turns them into :data:`~fermata_api.contract.EXIT_CONFIG_ERROR`.
@@ -17,17 +20,21 @@ import csv
 import hashlib
 import io
 import json
+import posixpath
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from fermata_api import DatasetSource, DatasetSpec
-from fermata_trainer.audio_io import UnreadableAudioError, probe_audio
+from fermata_trainer.audio_io import TRUNCATION_RATIO, AudioFacts, UnreadableAudioError, inspect_audio
+from fermata_trainer.curation import curate, mix_group
 from fermata_trainer.errors import ObjectNotFoundError, TrainerConfigError
+from fermata_trainer.folder_source import EmptyFolderError, save_folder_manifest, scan_folder
 from fermata_trainer.logging_setup import get_logger
 from fermata_trainer.prompts import prompt_from_tags
 from fermata_trainer.storage import (
@@ -37,6 +44,7 @@ from fermata_trainer.storage import (
     join_uri,
     local_path_of,
     open_storage,
+    parse_s3_uri,
     read_uri_bytes,
     sha256_bytes,
     sha256_file,
@@ -49,9 +57,11 @@ MTAT_ID_COLUMN = "clip_id"
 MTAT_PATH_COLUMN = "mp3_path"
 MTAT_AUDIO_DIRS = ("mp3", "")
 
-DATASET_FORMAT_VERSION = 1
+DATASET_FORMAT_VERSION = 2
 MANIFEST_KEY = "dataset/manifest.jsonl"
 REPORT_KEY = "dataset/report.json"
+#: what each listed file was (its identity) and what checking it found, for the next preparation
+FILES_KEY = "dataset/files.json"
 
 TRAIN = "train"
 VALIDATION = "validation"
@@ -104,6 +114,7 @@ class ClipEntry:
     tags: tuple[str, ...] = ()
     bpm: float | None = None
     key: str | None = None
+    group: str | None = None  # its source (dataset.sources) or mix.by value: see curation.py
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -123,6 +134,7 @@ class ClipEntry:
             tags=tuple(data.get("tags") or ()),
             bpm=float(data["bpm"]) if data.get("bpm") is not None else None,
             key=str(data["key"]) if data.get("key") is not None else None,
+            group=str(data["group"]) if data.get("group") is not None else None,
         )
 
 
@@ -136,6 +148,7 @@ class Candidate:
     tags: tuple[str, ...] = ()
     bpm: float | None = None
     key: str | None = None
+    group: str | None = None  # its source (dataset.sources) or mix.by value: see curation.py
 
 
 @dataclass
@@ -177,16 +190,20 @@ class _Scan:
 # ----------------------------------------------------------------------------- helpers
 
 
-def dataset_fingerprint(spec: DatasetSpec) -> str:
-    """What makes two preparations equal (the file checks aside)."""
-    payload = {
-        "version": DATASET_FORMAT_VERSION,
-        "source": spec.source.value,
-        "uri": spec.uri.rstrip("/"),
-        "proxyTags": sorted(spec.proxy_tags) if spec.source is DatasetSource.magnatagatune else [],
-        "minTags": spec.min_tags if spec.source is DatasetSource.magnatagatune else 0,
-        "validationFraction": spec.validation_fraction,
-    }
+def dataset_fingerprint(
+    spec: DatasetSpec, scan: _Scan | None = None, identities: Mapping[str, str | None] | None = None
+) -> str:
+    """What makes two preparations equal: the dataset settings, what the source lists (the scan:
+    candidates with their prompts, rows, skipped rows) and the identity of every listed file
+    (:func:`file_identities`). A prepared manifest is reused as it is only when all three match,
+    so a file added, changed or removed under the same storage path is noticed."""
+    settings = spec.model_dump(mode="json", by_alias=True, exclude={"segment_seconds", "verify_checksums"})
+    settings["uri"] = spec.uri.rstrip("/")
+    payload: dict[str, Any] = {"version": DATASET_FORMAT_VERSION, "settings": settings}
+    if scan is not None:
+        payload["scan"] = sha256_bytes(json.dumps(asdict(scan), sort_keys=True, default=str).encode())
+    if identities is not None:
+        payload["files"] = sha256_bytes(json.dumps(sorted(identities.items())).encode())
     return sha256_bytes(json.dumps(payload, sort_keys=True).encode())
 
 
@@ -298,6 +315,15 @@ def parse_mtat_annotations(text: str, proxy_tags: Sequence[str], min_tags: int) 
                 Skipped(clip_id, mp3_path, f"malformed row: line {line_no} lacks clip_id or mp3_path")
             )
             continue
+        if mp3_path.startswith(("/", "\\")) or ".." in mp3_path.replace("\\", "/").split("/"):
+            skipped.append(
+                Skipped(
+                    clip_id,
+                    mp3_path,
+                    f"malformed row: line {line_no} mp3_path {mp3_path!r} leaves the dataset root",
+                )
+            )
+            continue
         kept.append((clip_id, mp3_path, tags))
     return MtatRows(kept, rows, filtered, skipped, missing_tags)
 
@@ -345,14 +371,38 @@ def _mtat_audio_dir(root: Storage, sample_paths: list[str]) -> str:
 # ----------------------------------------------------------------------------- generic manifest
 
 
+def _resolve_manifest_audio(manifest_uri: str, line_no: int, audio: str) -> str:
+    """The URI of a manifest's ``audio`` value: s3:// URIs, file:// URIs and absolute paths as
+    given; a relative path resolved against the manifest's folder, which it may not leave."""
+    if is_s3_uri(audio) or audio.startswith(("/", "file://")):
+        return audio
+    where = f"{manifest_uri} line {line_no}"
+    if "://" in audio:
+        raise ManifestFormatError(
+            f"{where}: audio {audio!r} has an unsupported scheme: use a path relative to the "
+            f"manifest's folder, an absolute path, a file:// or an s3:// URI"
+        )
+    base = manifest_uri.rstrip("/").rpartition("/")[0]
+    relative = posixpath.normpath(audio)
+    if relative == ".." or relative.startswith("../"):
+        raise ManifestFormatError(
+            f"{where}: audio path {audio!r} leaves the manifest's folder ({base or '.'}): relative "
+            f"paths are resolved against the folder holding the manifest and may not escape it; "
+            f"move the file under that folder or give an absolute path or an s3:// URI"
+        )
+    if base.startswith("file://"):  # a file:// URI is percent-encoded: keep a literal '%' one
+        relative = relative.replace("%", "%25")
+    return join_uri(base, relative) if base else relative
+
+
 def _scan_manifest(spec: DatasetSpec) -> _Scan:
     try:
-        text = read_uri_bytes(spec.uri).decode("utf-8")
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first line
+        text = read_uri_bytes(spec.uri).decode("utf-8-sig")
     except ObjectNotFoundError:
         raise DatasetError(f"manifest {spec.uri} not found") from None
     except UnicodeDecodeError as exc:
         raise ManifestFormatError(f"manifest {spec.uri} is not UTF-8 text: {exc}") from None
-    base = spec.uri.rstrip("/").rpartition("/")[0]
     candidates: list[Candidate] = []
     seen: set[str] = set()
     for line_no, line in enumerate(text.splitlines(), start=1):
@@ -369,8 +419,7 @@ def _scan_manifest(spec: DatasetSpec) -> _Scan:
             raise ManifestFormatError(f"{spec.uri} line {line_no}: 'audio' (a URI) is required")
         if not isinstance(description, str) or not description.strip():
             raise ManifestFormatError(f"{spec.uri} line {line_no}: 'description' is required")
-        if not (is_s3_uri(audio) or audio.startswith("/") or audio.startswith("file://")):
-            audio = join_uri(base, audio) if base else audio
+        audio = _resolve_manifest_audio(spec.uri, line_no, audio)
         clip_id = str(data.get("id") or hashlib.sha256(audio.encode()).hexdigest()[:16])
         if clip_id in seen:
             raise ManifestFormatError(f"{spec.uri} line {line_no}: duplicate id {clip_id!r}")
@@ -390,9 +439,63 @@ def _scan_manifest(spec: DatasetSpec) -> _Scan:
                 tags=tuple(tags),
                 bpm=float(bpm) if bpm is not None else None,
                 key=str(key) if key is not None else None,
+                group=mix_group(data, spec.mix),
             )
         )
     return _Scan(candidates, rows=len(candidates))
+
+
+# ----------------------------------------------------------------------------- folder of audio
+
+
+def _scan_folder(
+    uri: str, genre: str | None, storage: Storage, fetcher: AudioFetcher, name: str | None = None
+) -> _Scan:
+    """Every audio file under ``uri``, described from its tags and estimated BPM/key
+    (:mod:`fermata_trainer.folder_source`); the descriptions are saved as an editable manifest
+    (one per source ``name`` of dataset.sources)."""
+    try:
+        folder = scan_folder(uri, fetcher.local, storage, file_identities, genre)
+    except EmptyFolderError as exc:
+        raise EmptySubsetError(str(exc)) from None
+    save_folder_manifest(storage, folder.clips, name)
+    candidates = [Candidate(c.id, c.audio, c.description, c.tags, c.bpm, c.key) for c in folder.clips]
+    skipped = [Skipped(p.id, p.audio, p.reason) for p in folder.problems]
+    return _Scan(candidates, rows=folder.audio_files, skipped=skipped)
+
+
+def _scan_source(
+    spec: DatasetSpec, storage: Storage, fetcher: AudioFetcher, name: str | None = None
+) -> _Scan:
+    """One source's scan; ``name``: its name in dataset.sources (names a folder's manifest)."""
+    if spec.source is DatasetSource.magnatagatune:
+        return _scan_mtat(spec)
+    if spec.source is DatasetSource.folder:
+        return _scan_folder(spec.uri, spec.genre, storage, fetcher, name)
+    return _scan_manifest(spec)
+
+
+def _scan(spec: DatasetSpec, storage: Storage, fetcher: AudioFetcher) -> _Scan:
+    """The candidates of dataset.source/uri, or of every dataset.sources entry: those get ids
+    ``<source name>/<id>`` (unique across sources) and the source name as their group."""
+    if not spec.sources:
+        return _scan_source(spec, storage, fetcher)
+    merged = _Scan([])
+    for source in spec.sources:
+        settings = source.model_dump(include={"source", "uri", "proxy_tags", "min_tags", "genre"})
+        part = _scan_source(
+            spec.model_copy(update={**settings, "sources": None}), storage, fetcher, source.name
+        )
+        merged.candidates += [
+            replace(c, id=f"{source.name}/{c.id}", group=source.name) for c in part.candidates
+        ]
+        merged.skipped += [replace(k, id=f"{source.name}/{k.id}") for k in part.skipped]
+        merged.rows += part.rows
+        merged.filtered_out += part.filtered_out
+        merged.missing_proxy_tags += [
+            t for t in part.missing_proxy_tags if t not in merged.missing_proxy_tags
+        ]
+    return merged
 
 
 # ----------------------------------------------------------------------------- checking files
@@ -405,9 +508,13 @@ class _FileCheck:
     size: int = 0
     duration: float = 0.0
     problem: str | None = None
+    facts: AudioFacts | None = None
 
 
 def _check_file(candidate: Candidate, fetcher: AudioFetcher) -> _FileCheck:
+    """Fetch and decode one candidate: its digest, size and decoded length, or why it is
+    skipped (``missing file``, ``cannot fetch: ...``, ``unreadable audio: ...``,
+    ``truncated audio: ...``; the report counts reasons by the text before the colon)."""
     try:
         path = fetcher.local(candidate.audio)
     except ObjectNotFoundError:
@@ -417,14 +524,28 @@ def _check_file(candidate: Candidate, fetcher: AudioFetcher) -> _FileCheck:
     if not path.is_file():
         return _FileCheck(candidate, problem="missing file")
     try:
-        info = probe_audio(path)
+        facts, _samples = inspect_audio(path)
     except UnreadableAudioError as exc:
         return _FileCheck(candidate, problem=f"unreadable audio: {exc}")
+    del _samples  # only the facts are kept: eight threads of decoded audio add up
+    if facts.truncated:
+        header = facts.header_duration
+        if header and facts.duration < TRUNCATION_RATIO * header:
+            problem = (
+                f"truncated audio: decodes to {facts.duration:.2f} s of the header's {header:.2f} s "
+                f"(a partial download or a cut-off copy?)"
+            )
+        else:
+            problem = (
+                f"truncated audio: the decoder stopped after {facts.duration:.2f} s: {facts.stream_error}"
+            )
+        return _FileCheck(candidate, duration=round(facts.duration, 3), problem=problem, facts=facts)
     return _FileCheck(
         candidate,
         sha256=sha256_file(path),
         size=path.stat().st_size,
-        duration=round(info.duration, 3),
+        duration=round(facts.duration, 3),
+        facts=facts,
     )
 
 
@@ -476,25 +597,203 @@ def _manifest_bytes(entries: list[ClipEntry]) -> bytes:
     return ("\n".join(lines) + "\n").encode() if lines else b""
 
 
-def _load_existing(storage: Storage, fingerprint: str) -> PreparedDataset | None:
+@dataclass
+class _Previous:
+    """The preparation last written at a storage path: its manifest and its file record."""
+
+    prepared: PreparedDataset
+    files: dict[str, dict[str, Any]]
+
+
+def _load_existing(storage: Storage) -> _Previous | None:
+    """The previous preparation at ``storage`` (None when there is none or it is unreadable)."""
     try:
         report = json.loads(storage.read_text(REPORT_KEY))
         manifest = storage.get_bytes(MANIFEST_KEY)
     except (ObjectNotFoundError, json.JSONDecodeError):
         return None
-    if report.get("fingerprint") != fingerprint:
-        return None
     if report.get("manifestDigest") != f"sha256:{sha256_bytes(manifest)}":
         log.warning("dataset_manifest_digest_mismatch", uri=storage.uri_of(MANIFEST_KEY))
         return None
     entries = [ClipEntry.from_json(json.loads(line)) for line in manifest.decode().splitlines() if line]
-    return PreparedDataset(
+    prepared = PreparedDataset(
         entries=entries,
         report=report,
         manifest_digest=sha256_bytes(manifest),
         reused=True,
         manifest_uri=storage.uri_of(MANIFEST_KEY),
     )
+    return _Previous(prepared, _load_file_record(storage))
+
+
+def pinned_dataset(storage: Storage, digest: str | None = None) -> PreparedDataset | None:
+    """The manifest a run already trains on, as recorded at ``storage``, without looking at the
+    source again: a run's data is fixed once it has trained (a resumed pod replays the same
+    segments; files added to a growing collection meanwhile are picked up by the next run).
+    ``digest``: the manifest must be exactly this one (the verified preparation's). None when
+    there is no such manifest."""
+    previous = _load_existing(storage)
+    if previous is None:
+        return None
+    if digest is not None and previous.prepared.manifest_digest != digest.removeprefix("sha256:"):
+        return None
+    log.info(
+        "dataset_manifest_pinned",
+        uri=previous.prepared.manifest_uri,
+        digest=previous.prepared.manifest_digest,
+        clips=len(previous.prepared.entries),
+    )
+    return previous.prepared
+
+
+def _load_file_record(storage: Storage) -> dict[str, dict[str, Any]]:
+    try:
+        record = json.loads(storage.read_text(FILES_KEY))
+    except (ObjectNotFoundError, json.JSONDecodeError):
+        return {}
+    if not isinstance(record, dict) or record.get("version") != DATASET_FORMAT_VERSION:
+        return {}
+    files = record.get("files")
+    return files if isinstance(files, dict) else {}
+
+
+# ----------------------------------------------------------------------------- incremental checks
+
+#: Problems that say nothing about a file's content (it may be back, or readable, next time).
+_TRANSIENT_PROBLEMS = ("missing file", "cannot fetch")
+_LISTING_WORKERS = 8
+
+
+def _s3_identities(bucket: str, folder: str, uris: list[str]) -> dict[str, str | None]:
+    """``size:etag`` of the objects of one folder, from a single listing."""
+    storage = open_storage(f"s3://{bucket}")
+    try:
+        listed = {o.key: o for o in storage.list(f"{folder}/" if folder else "")}
+    except Exception as exc:  # no s3:ListBucket, say: every file of the folder is checked in full
+        log.warning(
+            "dataset_listing_failed", folder=storage.uri_of(folder), error=f"{type(exc).__name__}: {exc}"
+        )
+        return dict.fromkeys(uris)
+    out: dict[str, str | None] = {}
+    for uri in uris:
+        info = listed.get(parse_s3_uri(uri)[1])
+        if info is not None:
+            out[uri] = f"size={info.size},etag={info.etag}"
+    return out
+
+
+def file_identities(uris: Iterable[str]) -> dict[str, str | None]:
+    """The identity of every listed audio file that exists — ``size,mtime_ns`` for a local file,
+    ``size,etag`` for an S3 object (one listing per folder, not a request per file) — or None
+    where it cannot be told. Files that do not exist are left out. One place for every source:
+    the MagnaTagATune CSV, a JSONL manifest or a folder all end in candidates' audio URIs."""
+    out: dict[str, str | None] = {}
+    folders: dict[tuple[str, str], list[str]] = {}
+    for uri in dict.fromkeys(uris):
+        if is_s3_uri(uri):
+            bucket, key = parse_s3_uri(uri)
+            folders.setdefault((bucket, key.rpartition("/")[0]), []).append(uri)
+            continue
+        try:
+            stat = local_path_of(uri).stat()
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as exc:  # unreachable or unreadable: checked in full
+            log.warning("dataset_identity_unknown", audio=uri, error=f"{type(exc).__name__}: {exc}")
+            out[uri] = None
+            continue
+        out[uri] = f"size={stat.st_size},mtime_ns={stat.st_mtime_ns}"
+    with ThreadPoolExecutor(max_workers=_LISTING_WORKERS) as pool:
+        for found in pool.map(lambda item: _s3_identities(item[0][0], item[0][1], item[1]), folders.items()):
+            out.update(found)
+    return out
+
+
+def _record_of(check: _FileCheck) -> dict[str, Any]:
+    return {k: v for k, v in asdict(check).items() if k != "candidate"}
+
+
+def _check_from_record(candidate: Candidate, record: dict[str, Any]) -> _FileCheck | None:
+    """The recorded check of an unchanged file, for ``candidate``; None if it cannot be read
+    back (written by another version)."""
+    fields = dict(record)
+    facts = fields.get("facts")
+    try:
+        fields["facts"] = AudioFacts(**facts) if isinstance(facts, dict) else None
+        return _FileCheck(candidate, **fields)
+    except TypeError:
+        return None
+
+
+@dataclass
+class _Incremental:
+    checks: list[_FileCheck]
+    counts: dict[str, int]
+    record: dict[str, dict[str, Any]]
+
+
+def _check_incrementally(
+    candidates: list[Candidate],
+    identities: Mapping[str, str | None],
+    previous: Mapping[str, dict[str, Any]],
+    fetcher: AudioFetcher,
+) -> _Incremental:
+    """Check the files that are new or changed since ``previous`` (the last file record); reuse
+    the recorded checks (sha256, size, decoded facts or unreadable verdict) of the others."""
+    results: list[_FileCheck | None] = [None] * len(candidates)
+    counts = Counter({"new": 0, "reused": 0, "changed": 0, "removed": 0})
+    for i, candidate in enumerate(candidates):
+        if candidate.audio not in identities:  # absent: the check reports it missing
+            continue
+        identity, old = identities[candidate.audio], previous.get(candidate.audio)
+        if old is None:
+            counts["new"] += 1
+            continue
+        if identity is not None and old.get("identity") == identity:
+            results[i] = _check_from_record(candidate, old.get("check") or {})
+        counts["reused" if results[i] is not None else "changed"] += 1
+    pending = [i for i, r in enumerate(results) if r is None]
+    for i, check in zip(pending, _check_files([candidates[i] for i in pending], fetcher), strict=True):
+        results[i] = check
+    checks = [r for r in results if r is not None]
+    present = {c.audio for c in candidates if c.audio in identities}
+    counts["removed"] = sum(
+        1
+        for uri, old in previous.items()
+        if uri not in present and not (old.get("check") or {}).get("problem")
+    )
+    record = {
+        c.candidate.audio: {"identity": identities[c.candidate.audio], "check": _record_of(c)}
+        for c in checks
+        if identities.get(c.candidate.audio) is not None
+        and not (c.problem or "").startswith(_TRANSIENT_PROBLEMS)
+    }
+    return _Incremental(checks, dict(counts), record)
+
+
+def _file_record_text(record: dict[str, dict[str, Any]]) -> str:
+    return json.dumps({"version": DATASET_FORMAT_VERSION, "files": record}, sort_keys=True) + "\n"
+
+
+def _reuse_previous(
+    prepared: PreparedDataset, spec: DatasetSpec, fetcher: AudioFetcher, verify: bool, listed: int
+) -> PreparedDataset:
+    """The previous manifest, unchanged: the same settings, listing and file identities."""
+    log.info(
+        "dataset_manifest_reused",
+        uri=prepared.manifest_uri,
+        clips=len(prepared.entries),
+        train=len(prepared.train),
+        validation=len(prepared.validation),
+    )
+    if verify and spec.verify_checksums:
+        problems = verify_all(prepared.entries, fetcher)
+        if problems:
+            raise ChecksumMismatchError(
+                f"{len(problems)} file(s) differ from the manifest: " + "; ".join(problems[:5])
+            )
+    prepared.report = {**prepared.report, "files": {"new": 0, "reused": listed, "changed": 0, "removed": 0}}
+    return prepared
 
 
 def prepare_dataset(
@@ -510,28 +809,18 @@ def prepare_dataset(
     ``verify_reused`` re-hashes every file of a reused manifest against its recorded digest
     (the ``prepare`` command does; a training run verifies lazily, before tokenizing).
     """
-    fingerprint = dataset_fingerprint(spec)
     fetcher = AudioFetcher(work_dir)
-    if reuse:
-        existing = _load_existing(storage, fingerprint)
-        if existing is not None:
-            log.info(
-                "dataset_manifest_reused",
-                uri=existing.manifest_uri,
-                clips=len(existing.entries),
-                train=len(existing.train),
-                validation=len(existing.validation),
-            )
-            if verify_reused and spec.verify_checksums:
-                problems = verify_all(existing.entries, fetcher)
-                if problems:
-                    raise ChecksumMismatchError(
-                        f"{len(problems)} file(s) differ from the manifest: " + "; ".join(problems[:5])
-                    )
-            return existing
-
-    scan = _scan_mtat(spec) if spec.source is DatasetSource.magnatagatune else _scan_manifest(spec)
-    checks = _check_files(scan.candidates, fetcher)
+    scan = _scan(spec, storage, fetcher)
+    identities = file_identities(c.audio for c in scan.candidates)
+    fingerprint = dataset_fingerprint(spec, scan, identities)
+    previous = _load_existing(storage) if reuse else None
+    unchanged = previous is not None and previous.prepared.report.get("fingerprint") == fingerprint
+    if previous is not None and unchanged and None not in identities.values():
+        return _reuse_previous(previous.prepared, spec, fetcher, verify_reused, len(identities))
+    incremental = _check_incrementally(
+        scan.candidates, identities, previous.files if previous else {}, fetcher
+    )
+    checks = incremental.checks
     skipped = list(scan.skipped)
     good: list[_FileCheck] = []
     for check in checks:
@@ -539,6 +828,10 @@ def prepare_dataset(
             skipped.append(Skipped(check.candidate.id, check.candidate.audio, check.problem))
         else:
             good.append(check)
+    split = partial(assign_splits, validation_fraction=spec.validation_fraction)
+    curated = curate(spec, good, fetcher.local, split)  # filters, mix, stratified split
+    good = curated.kept
+    skipped += [Skipped(*item) for item in curated.skipped]
     for item in skipped:
         log.warning("dataset_clip_skipped", clip=item.id, audio=item.audio, reason=item.reason)
 
@@ -548,7 +841,7 @@ def prepare_dataset(
     if not good:
         raise EmptySubsetError(_empty_message(spec, scan, skipped))
 
-    splits = assign_splits([c.candidate.id for c in good], spec.validation_fraction)
+    splits = curated.splits
     entries = [
         ClipEntry(
             id=c.candidate.id,
@@ -559,8 +852,9 @@ def prepare_dataset(
             size=c.size,
             duration=c.duration,
             tags=c.candidate.tags,
-            bpm=c.candidate.bpm,
-            key=c.candidate.key,
+            bpm=curated.bpm.get(c.candidate.id, c.candidate.bpm),
+            key=curated.key.get(c.candidate.id, c.candidate.key),
+            group=curated.groups.get(c.candidate.id) or None,
         )
         for c in good
     ]
@@ -583,9 +877,12 @@ def prepare_dataset(
         "skippedCount": len(skipped) + scan.filtered_out,
         "skippedByReason": dict(sorted(reasons.items())),
         "skipped": [asdict(s) for s in skipped],
+        "curation": curated.report,
         "manifestUri": storage.uri_of(MANIFEST_KEY),
         "manifestDigest": f"sha256:{sha256_bytes(manifest)}",
     }
+    report["files"] = incremental.counts
+    storage.write_text(FILES_KEY, _file_record_text(incremental.record))
     storage.put_bytes(MANIFEST_KEY, manifest)
     storage.write_text(REPORT_KEY, json.dumps(report, indent=2) + "\n")
     log.info(
@@ -596,6 +893,7 @@ def prepare_dataset(
         train=report["train"],
         validation=report["validation"],
         skipped=report["skippedCount"],
+        **{f"files_{k}": v for k, v in incremental.counts.items()},
     )
     return PreparedDataset(
         entries=entries,
@@ -612,6 +910,8 @@ def _empty_message(spec: DatasetSpec, scan: _Scan, skipped: list[Skipped]) -> st
             f"no usable clip in {spec.uri}: {scan.rows} rows, {scan.filtered_out} with fewer than "
             f"{spec.min_tags} of the proxy tags {spec.proxy_tags}"
         )
+    elif spec.source is DatasetSource.folder:
+        head = f"no usable clip in folder {spec.uri}: {scan.rows} audio files"
     else:
         head = f"no usable clip in manifest {spec.uri}: {scan.rows} entries"
     if skipped:

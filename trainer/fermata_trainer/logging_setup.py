@@ -45,7 +45,8 @@ def configure_logging(level: str = "INFO", stream: TextIO | LiveStream | None = 
             structlog.processors.JSONRenderer(sort_keys=False),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        # one write per line (message and newline together): two ranks sharing a pipe never splice lines
+        logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
     # Third-party libraries log through the standard library: send their warnings to stderr so
@@ -54,9 +55,27 @@ def configure_logging(level: str = "INFO", stream: TextIO | LiveStream | None = 
     _configured = True
 
 
+class _LazyLogger:
+    """A logger that builds its structlog logger when it logs, from the configuration of that
+    moment. (``structlog.get_logger(...).bind(...)`` builds one at once: a module-level
+    ``log = get_logger(__name__)`` imported before :func:`configure_logging` would keep
+    structlog's default console format instead of the JSON lines.)"""
+
+    def __init__(self, name: str, context: dict[str, Any]) -> None:
+        self._name = name
+        self._context = context
+
+    def bind(self, **values: Any) -> _LazyLogger:
+        return _LazyLogger(self._name, {**self._context, **values})
+
+    def __getattr__(self, method: str) -> Any:
+        return getattr(structlog.get_logger(self._name).bind(**self._context), method)
+
+
 def get_logger(name: str) -> Any:
-    """A structlog logger bound to ``logger=name``."""
-    return structlog.get_logger(name).bind(logger=name)
+    """A structlog logger bound to ``logger=name``, following :func:`configure_logging` even
+    when made before it (at import time)."""
+    return _LazyLogger(name, {"logger": name})
 
 
 def bind_context(**values: Any) -> None:

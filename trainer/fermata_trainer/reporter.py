@@ -20,6 +20,7 @@ from fermata_api import (
     API_VERSION,
     PLURAL,
     TRAINER_FIELD_MANAGER,
+    PreparationStatus,
     RunRef,
     TrainerStatus,
 )
@@ -33,7 +34,7 @@ APPLY_PATCH_CONTENT_TYPE = "application/apply-patch+yaml"
 class StatusReporter(Protocol):
     """Where the trainer's status goes."""
 
-    def report(self, status: TrainerStatus) -> dict[str, Any] | None:
+    def report(self, status: TrainerStatus | PreparationStatus) -> dict[str, Any] | None:
         """Send ``status``; return the updated TrainingRun object when there is one."""
         ...
 
@@ -46,8 +47,21 @@ class NullReporter:
     def __init__(self) -> None:
         self.reports = 0
 
-    def report(self, status: TrainerStatus) -> dict[str, Any] | None:
+    def report(self, status: TrainerStatus | PreparationStatus) -> dict[str, Any] | None:
         self.reports += 1
+        if isinstance(status, PreparationStatus):
+            prep = status.preparation
+            log.info(
+                "preparation_status",
+                state=prep.state.value,
+                files_done=prep.files_done,
+                files_total=prep.files_total,
+                tokenized=prep.tokenized,
+                reused=prep.reused,
+                eta_seconds=prep.eta_seconds,
+                codes_key=prep.codes_key,
+            )
+            return None
         progress = status.progress
         log.info(
             "status",
@@ -97,10 +111,13 @@ class KubernetesStatusReporter:
         run: RunRef,
         api_client: Any | None = None,
         request_timeout: tuple[float, float] = (5.0, 20.0),
+        field_manager: str = TRAINER_FIELD_MANAGER,
     ) -> None:
         if not run.name:
             raise ValueError("KubernetesStatusReporter needs run.name")
         self.run = run
+        #: the preparation pod applies status.preparation under its own field manager
+        self.field_manager = field_manager
         # loaded on first use, so a missing kubeconfig is retried at every heartbeat instead
         # of stopping the trainer
         self._api_client = api_client
@@ -108,7 +125,7 @@ class KubernetesStatusReporter:
         self.path = status_path(run.namespace, run.name)
         self.failures = 0
 
-    def body(self, status: TrainerStatus) -> dict[str, Any]:
+    def body(self, status: TrainerStatus | PreparationStatus) -> dict[str, Any]:
         body = status.apply_body()
         metadata: dict[str, Any] = {"name": self.run.name, "namespace": self.run.namespace}
         if self.run.uid:
@@ -123,13 +140,13 @@ class KubernetesStatusReporter:
             self._api_client = load_api_client()
         return self._api_client
 
-    def apply(self, status: TrainerStatus) -> dict[str, Any]:
+    def apply(self, status: TrainerStatus | PreparationStatus) -> dict[str, Any]:
         """The raw apply call (raises on API errors)."""
         response = self.api_client.call_api(
             self.path,
             "PATCH",
             path_params={},
-            query_params=[("fieldManager", TRAINER_FIELD_MANAGER), ("force", "true")],
+            query_params=[("fieldManager", self.field_manager), ("force", "true")],
             header_params={
                 "Content-Type": APPLY_PATCH_CONTENT_TYPE,
                 "Accept": "application/json",
@@ -143,7 +160,7 @@ class KubernetesStatusReporter:
         )
         return response if isinstance(response, dict) else {}
 
-    def report(self, status: TrainerStatus) -> dict[str, Any] | None:
+    def report(self, status: TrainerStatus | PreparationStatus) -> dict[str, Any] | None:
         try:
             response = self.apply(status)
         except Exception as exc:
@@ -181,8 +198,8 @@ def describe_error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc)[:500]}"
 
 
-def make_reporter(run: RunRef) -> StatusReporter:
+def make_reporter(run: RunRef, field_manager: str = TRAINER_FIELD_MANAGER) -> StatusReporter:
     """Kubernetes reporting when the config names a TrainingRun, else logs only."""
     if not run.name:
         return NullReporter()
-    return KubernetesStatusReporter(run)
+    return KubernetesStatusReporter(run, field_manager=field_manager)

@@ -19,13 +19,14 @@ import random
 import shutil
 import tempfile
 import time
+import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from fermata_trainer.errors import ObjectNotFoundError
+from fermata_trainer.errors import ObjectNotFoundError, TrainerConfigError
 from fermata_trainer.logging_setup import get_logger
 
 if TYPE_CHECKING:
@@ -147,8 +148,12 @@ def retry_call(
 
 @dataclass(frozen=True)
 class ObjectInfo:
+    """One listed object; ``etag`` (S3) and ``mtime_ns`` (a local file) tell versions apart."""
+
     key: str
     size: int
+    etag: str = ""
+    mtime_ns: int = 0
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -349,9 +354,10 @@ class LocalStorage(Storage):
                 key = full.relative_to(self.root).as_posix()
                 if key.startswith(clean):
                     try:
-                        out.append(ObjectInfo(key, full.stat().st_size))
+                        stat = full.stat()
                     except FileNotFoundError:  # removed while listing
                         continue
+                    out.append(ObjectInfo(key, stat.st_size, mtime_ns=stat.st_mtime_ns))
         return sorted(out, key=lambda o: o.key)
 
     def delete(self, key: str) -> None:
@@ -591,7 +597,8 @@ class S3Storage(Storage):
         out: list[ObjectInfo] = []
         for obj in self._iter_objects(base + clean):
             key = str(obj["Key"])[len(base) :]
-            out.append(ObjectInfo(key, int(obj.get("Size", 0))))
+            etag = str(obj.get("ETag", "")).strip('"')
+            out.append(ObjectInfo(key, int(obj.get("Size", 0)), etag=etag))
         return sorted(out, key=lambda o: o.key)
 
     def delete(self, key: str) -> None:
@@ -612,11 +619,29 @@ def is_s3_uri(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+class InvalidUriError(TrainerConfigError, ValueError):
+    """A location URI that names no place this trainer can reach (a ``file://`` URI of
+    another host, say)."""
+
+
 def local_path_of(uri: str) -> Path:
-    """The filesystem path of a local URI (``file://`` or a plain path)."""
-    if uri.startswith("file://"):
-        uri = uri[len("file://") :]
-    return Path(uri)
+    """The filesystem path of a local URI: a plain path as it is; a ``file://`` URI
+    percent-decoded (``file:///data/my%20song.mp3`` → ``/data/my song.mp3``), with no host or
+    ``localhost`` (another host's files are not reachable: :class:`InvalidUriError`)."""
+    if not uri.startswith("file://"):
+        return Path(uri)
+    parts = urllib.parse.urlsplit(uri)
+    if parts.netloc not in ("", "localhost"):
+        raise InvalidUriError(
+            f"{uri!r} names a file on host {parts.netloc!r}: a file:// URI must be local "
+            f"(file:///absolute/path or file://localhost/absolute/path)"
+        )
+    path = urllib.parse.unquote(parts.path)
+    if parts.query or parts.fragment:  # '?' and '#' are part of the file name unless encoded
+        path += ("?" + urllib.parse.unquote(parts.query) if parts.query else "") + (
+            "#" + urllib.parse.unquote(parts.fragment) if parts.fragment else ""
+        )
+    return Path(path)
 
 
 def open_storage(uri: str, s3_client: Any | None = None) -> Storage:
@@ -649,6 +674,9 @@ def split_uri(uri: str) -> tuple[Storage, str]:
         raise ValueError(f"{uri!r} names a bucket, not an object")
     if not parent:
         parent = "."
+    if uri.startswith("file://"):  # keys are plain names; the URI is percent-encoded
+        local_path_of(uri)  # another host's file: the error names the whole URI
+        name = urllib.parse.unquote(name)
     return open_storage(parent), name
 
 

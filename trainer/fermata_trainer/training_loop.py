@@ -55,6 +55,7 @@ from fermata_api import (
     CheckpointRequest,
     EvaluationRequest,
     PodEnv,
+    PreparationReport,
     StopReport,
     TrainerConfig,
     TrainerProgress,
@@ -71,9 +72,17 @@ from fermata_trainer.checkpoints import (
     describe_run,
     step_dir_name,
 )
-from fermata_trainer.codes_cache import CodesCache, CodesDataset
+from fermata_trainer.codes_cache import CodesCache, CodesDataset, CodesSplit
 from fermata_trainer.conditioning import apply_cfg_dropout, cfg_dropout_mask, make_attributes
-from fermata_trainer.dataset import AudioFetcher, EmptySubsetError, prepare_dataset
+from fermata_trainer.curation import audio_processor, processing_fingerprint
+from fermata_trainer.dataset import (
+    AudioFetcher,
+    ClipEntry,
+    EmptySubsetError,
+    PreparedDataset,
+    pinned_dataset,
+    prepare_dataset,
+)
 from fermata_trainer.distributed import (
     DistInfo,
     any_rank,
@@ -90,6 +99,8 @@ from fermata_trainer.model_loading import LoadedModel, load_model
 from fermata_trainer.model_mirror import RUN_MIRROR_PREFIX
 from fermata_trainer.optimization import build_optimizer, build_scheduler, codebook_cross_entropy
 from fermata_trainer.precision import PrecisionChoice, choose_precision, device_capability
+from fermata_trainer.preparation import preparation_done, preparation_progress
+from fermata_trainer.prompts import augmented_prompt
 from fermata_trainer.reporter import NullReporter, StatusReporter
 from fermata_trainer.storage import RetryPolicy, S3Storage, Storage, open_storage
 from fermata_trainer.telemetry import GpuMonitor, ProgressBar, TensorBoardSink
@@ -209,6 +220,10 @@ class Trainer:
         self.exporter: Exporter | None = None
         #: the data the run trains on, for the model card (manifest digest, code cache key)
         self.dataset_facts: dict[str, Any] = {}
+        #: spec.preparation.mode Trainer: this pod's own tokenizing report (status.preparation)
+        self.preparation: PreparationReport | None = None
+        #: the training clips' manifest entries by clip id (tags, BPM, key for prompt augmentation)
+        self.clip_meta: dict[str, ClipEntry] = {}
         #: status.cost as last seen in an apply response (the operator computes it)
         self.cost_seen: dict[str, Any] | None = None
         self.signal_received: str | None = None
@@ -306,6 +321,7 @@ class Trainer:
                 progress=progress,
                 last_checkpoint=self.last_checkpoint,
                 artifacts=self.artifacts if self.artifacts.best or self.artifacts.final else None,
+                preparation=self.preparation,
             )
             response = self.reporter.report(status)
         except Exception as exc:  # reporting never stops training
@@ -440,26 +456,60 @@ class Trainer:
         np.random.seed(seed % (2**32))
         torch.manual_seed(seed)
 
-    def _prepare_codes(self, storage: Storage, work_dir: Path, model: LoadedModel) -> CodesDataset:
-        cfg = self.config
-        manifest_digest: str | None = None
-        prepared = None
-        if self.dist.is_main:
-            prepared = prepare_dataset(cfg.dataset, storage, work_dir)
-            manifest_digest = prepared.manifest_digest
-        manifest_digest = broadcast_object(self.dist, manifest_digest)
+    def _prepare_manifest(self, storage: Storage, work_dir: Path) -> tuple[PreparedDataset | None, str]:
+        """The dataset manifest (prepared on rank 0; None elsewhere) and its digest, on every
+        rank. Runs before the model is loaded: scanning and checking files needs no model, so a
+        wrong dataset URI or unusable data fails in seconds, not after a multi-GB download."""
+        prepared = self._on_main_then_everywhere(
+            lambda: self._pinned_manifest(storage, work_dir)
+            or prepare_dataset(self.config.dataset, storage, work_dir)
+        )
+        manifest_digest = broadcast_object(self.dist, prepared.manifest_digest if prepared else None)
         assert manifest_digest is not None
+        return prepared, manifest_digest
+
+    def _pinned_manifest(self, storage: Storage, work_dir: Path) -> PreparedDataset | None:
+        """The manifest this run is bound to, when it is: the one its preparation pod verified
+        (``spec.preparation.mode: Pod``), or the one its checkpoints were trained on (a resumed
+        run keeps its data, so the replay is exact and a file added meanwhile cannot fail it)."""
+        cfg = self.config
+        want = self.env.prepared_manifest_digest
+        if want is not None:
+            return pinned_dataset(storage, want)
+        store = CheckpointStore(storage, cfg.storage.keep_last, work_dir / "checkpoints", owner=cfg.run)
+        return pinned_dataset(storage) if store.steps() else None
+
+    def _prepare_codes(
+        self,
+        storage: Storage,
+        work_dir: Path,
+        model: LoadedModel,
+        prepared: PreparedDataset | None,
+        manifest_digest: str,
+    ) -> CodesDataset:
+        cfg = self.config
         mirror = open_storage(cfg.storage.cache_uri) if cfg.storage.cache_uri else storage.child("cache")
-        cache = CodesCache(model, manifest_digest, cfg.dataset.segment_seconds, work_dir / "codes", mirror)
-        codes: CodesDataset | None = None
+        cache = CodesCache(
+            model,
+            manifest_digest,
+            cfg.dataset.segment_seconds,
+            work_dir / "codes",
+            mirror,
+            processing=processing_fingerprint(cfg.dataset.curation),
+            process=audio_processor(cfg.dataset.curation),
+        )
+        codes: CodesDataset | None = self._load_prepared(cache, manifest_digest)
         if self.dist.is_main:
-            codes = cache.load()
+            codes = codes or cache.load()
             if codes is None:
                 assert prepared is not None
                 self.report(TrainerState.tokenizing)
                 last = [time.monotonic()]
 
                 def progress(done: int, total: int) -> None:
+                    self.preparation = preparation_progress(
+                        self.preparation, cache, done, total, self.env.pod_name
+                    )
                     if time.monotonic() - last[0] >= cfg.reporting.heartbeat_seconds:
                         last[0] = time.monotonic()
                         self.report(message=f"tokenized {done}/{total} clips")
@@ -472,6 +522,11 @@ class Trainer:
                     progress=progress,
                 )
                 self.message = None
+            if self.env.prepared_codes_key is None:  # mode Pod: status.preparation is the preparer's
+                clips = len(prepared.entries) if prepared else 0
+                self.preparation = preparation_done(
+                    self.preparation, cache, manifest_digest, self.env.pod_name, clips
+                )
         barrier(self.dist)
         if codes is None:
             codes = cache.load()
@@ -496,6 +551,33 @@ class Trainer:
             validation_segments=len(codes.validation),
             segment_frames=codes.segment_frames,
         )
+        return codes
+
+    def _load_prepared(self, cache: CodesCache, manifest_digest: str) -> CodesDataset | None:
+        """``spec.preparation.mode: Pod``: the dataset a preparation pod prepared and verified —
+        exactly that manifest and code cache (on every rank), or a clear error: the GPU pod never
+        tokenizes in this mode. None in mode Trainer (no prepared dataset named)."""
+        want_manifest, want_key = self.env.prepared_manifest_digest, self.env.prepared_codes_key
+        if want_key is None and want_manifest is None:
+            return None
+        if want_manifest is not None and want_manifest != manifest_digest:
+            raise TrainerConfigError(
+                f"the dataset manifest is {manifest_digest}, not the prepared and verified "
+                f"{want_manifest}: the dataset changed after its preparation pod verified it"
+            )
+        if want_key is not None and want_key != cache.key:
+            raise TrainerConfigError(
+                f"this trainer's code cache key is {cache.key}, not the prepared and verified "
+                f"{want_key} (another model, segment length or preparation settings?)"
+            )
+        codes = cache.load()
+        if codes is None:
+            raise TrainerConfigError(
+                f"the prepared code cache {cache.key} is missing from {cache.mirror_uri or 'the cache'} "
+                "(spec.preparation.mode Pod: the training pod does not tokenize; delete and re-create "
+                "the run, or use mode Trainer)"
+            )
+        log.info("prepared_dataset_loaded", key=cache.key, manifest=manifest_digest, source=codes.source)
         return codes
 
     # ================================================================== checkpoint state
@@ -682,6 +764,8 @@ class Trainer:
         )
         self._on_main_then_everywhere(lambda: claim_prefix(storage, cfg.run))
         self.report(TrainerState.preparing)
+        prepared, manifest_digest = self._prepare_manifest(storage, work_dir)
+        self.clip_meta = self._clip_meta(prepared)
 
         model = load_model(
             cfg.model.base,
@@ -694,7 +778,7 @@ class Trainer:
         self.exporter = Exporter(
             ExportStore(storage, work_dir / "exports-staging"), model, cfg.evaluation.best_metric
         )
-        codes = self._prepare_codes(storage, work_dir, model)
+        codes = self._prepare_codes(storage, work_dir, model, prepared, manifest_digest)
         train = codes.train
         if self._stop_requested_locally() and self.dist.is_main:
             log.info("stopping_before_training", signal=self.signal_received)
@@ -919,7 +1003,7 @@ class Trainer:
                 self.step,
                 m * self.dist.world_size + self.dist.rank,
             )
-            prompts = apply_cfg_dropout([train.prompts[i] for i in indices], drop)
+            prompts = apply_cfg_dropout(self._train_prompts(train, indices), drop)
             attributes = make_attributes(lm, prompts, self.sample_rate)
             provider: Any = lm.condition_provider
             tokenized = provider.tokenize(attributes)
@@ -941,6 +1025,36 @@ class Trainer:
             dist.all_reduce(value)
             total = float(value.item()) / self.dist.world_size
         return total, grad_norm
+
+    def _clip_meta(self, prepared: PreparedDataset | None) -> dict[str, ClipEntry]:
+        """Rank 0's training entries by clip id, on every rank (augmentation needs them)."""
+        if not self.config.training.prompt_augmentation:
+            return {}
+        meta = {e.id: e for e in prepared.train} if prepared is not None else None
+        return dict(broadcast_object(self.dist, meta) or {})
+
+    def _train_prompts(self, train: CodesSplit, indices: list[int]) -> list[str]:
+        """The text prompts of training segments ``indices``: with training.promptAugmentation a
+        per-epoch variant (a pure function of seed, epoch and clip id, so resuming replays it)."""
+        tcfg = self.config.training
+        if not tcfg.prompt_augmentation:
+            return [train.prompts[i] for i in indices]
+        out: list[str] = []
+        for i in indices:
+            clip_id = train.clip_ids[i]
+            entry = self.clip_meta.get(clip_id)
+            out.append(
+                augmented_prompt(
+                    train.prompts[i],
+                    entry.tags if entry else (),
+                    entry.bpm if entry else None,
+                    entry.key if entry else None,
+                    clip_id,
+                    self.position.epoch,
+                    tcfg.seed,
+                )
+            )
+        return out
 
     def _optimizer_step(self, lm: nn.Module, optimizer: torch.optim.Optimizer) -> float:
         """Unscale (fp16), clip and step; a step with non-finite gradients is skipped, and with a

@@ -1,6 +1,6 @@
 -- Argo CD health of a fermata.dev TrainingRun (argocd-cm: resource.customizations.health.fermata.dev_TrainingRun).
 --   Progressing: no status yet, the operator has not acted on the latest spec (observedGeneration <
---                metadata.generation), Pending (waiting for a node), or a suspend/resume in flight
+--                metadata.generation), Pending (waiting for a node), Preparing (the dataset, on CPU), or a suspend/resume in flight
 --   Healthy:     Running (and no NO-GO recorded), or Succeeded with GO / CONDITIONAL-GO
 --   Suspended:   Suspended with spec.suspend true
 --   Degraded:    spec not accepted, a NO-GO decision, Failed, BudgetExceeded, IdleStopped, Stopped
@@ -70,9 +70,9 @@ local suspend = obj.spec ~= nil and obj.spec.suspend == true
 local message = status.message or ""
 local details = summary(status)
 
-if phase == "Pending" then
+if phase == "Pending" or phase == "Preparing" then
   hs.status = "Progressing"
-  hs.message = "Pending: " .. message .. details
+  hs.message = phase .. ": " .. message .. details
 elseif phase == "Running" then
   if status.decision == "NO-GO" then
     hs.status = "Degraded"

@@ -52,6 +52,9 @@ def account(p: Pass) -> None:
         p.now,
         cost.remaining_seconds(p.st.progress, spec),
     )
+    prep = [s.usd for s in result.status.segments if s.pod.startswith(f"{p.name}-prep-")]
+    if prep:
+        result.status.preparation_usd = round(sum(prep), 6)
     p.st.cost = result.status
     if result.unpriced:
         p.accepted = (
@@ -67,7 +70,7 @@ def account(p: Pass) -> None:
             p.release_finalizer(pod.name)
             if pod.name not in result.closed_pods:
                 p.plan.release_if_unstarted.add(pod.name)
-    current = p.current
+    current, preparing = p.current, p.current_prep
     for pod in p.pods:
-        if pod is not current and p.active(pod):
+        if pod is not current and pod is not preparing and p.active(pod):
             p.stop_pod(pod.name, "superseded")

@@ -49,6 +49,10 @@ def pod_name(run_name: str, incarnation: int) -> str:
     return f"{run_name}-{incarnation}"
 
 
+def prep_pod_name(run_name: str, incarnation: int) -> str:
+    return f"{run_name}-prep-{incarnation}"
+
+
 @dataclass
 class Pass:
     name: str
@@ -104,6 +108,19 @@ class Pass:
     @property
     def current(self) -> PodView | None:
         return next((p for p in self.pods if p.name == self.current_name), None)
+
+    @property
+    def prep_name(self) -> str:
+        """The current preparation pod's name (``<run>-prep-<n>``)."""
+        n = self.st.preparer.incarnation if self.st.preparer is not None else 0
+        return prep_pod_name(self.name, n)
+
+    @property
+    def current_prep(self) -> PodView | None:
+        """The current preparation pod, while the dataset is not prepared yet."""
+        if self.st.preparer is not None and self.st.preparer.prepared:
+            return None
+        return next((p for p in self.pods if p.name == self.prep_name), None)
 
     def active(self, pod: PodView) -> bool:
         """Still running (or starting) and not on its way out."""

@@ -7,6 +7,7 @@
     last checkpoint ───────────► CheckpointAtRisk when it nearly filled the grace period
     deadline / budget ─────────► stop
     spec.suspend ──────────────► suspended (pods stopped, GPU released)
+    preparation (mode Pod) ────► the preparation pod first (planner/preparation.py), until verified
     no current pod ────────────► wait out a backoff, or create the next incarnation
     current pod:  Queued ──────► Queued (gated: not billed, no idle clock)
                   Unscheduled ─► WaitingForCapacity      Starting ──► Pending
@@ -36,6 +37,7 @@ from fermata_api import (
 )
 from fermata_api import conditions as cond
 from fermata_operator.planner import accounting, pods, stopping
+from fermata_operator.planner import preparation as prep
 from fermata_operator.planner.context import Pass, pod_name
 from fermata_operator.planner.model import Observed, Plan
 from fermata_operator.policies import (
@@ -46,6 +48,7 @@ from fermata_operator.policies import (
     gates,
     idle,
     plateau,
+    preparation,
     retry,
     spot,
     suspend,
@@ -79,6 +82,10 @@ def plan(obs: Observed, settings: OperatorSettings) -> Plan:
         return suspended(p)
     if p.st.phase is Phase.suspended:
         resume(p)
+    if preparation.required(p.spec, p.st):
+        preparing = prep.prepare(p)
+        if preparing is not None:
+            return preparing
     return current_pod(p)
 
 

@@ -10,8 +10,9 @@ from fermata_operator.policies.effects import Event
 from fermata_operator.policies.prices import PriceTable
 from fermata_operator.policies.team_budget import BudgetFacts
 
-#: Status keys the trainer owns; the operator never writes them.
-TRAINER_KEYS = frozenset({"progress", "lastCheckpoint", "artifacts"})
+#: Status keys the trainer (and the preparation pod: ``preparation``) owns; the operator never
+#: writes them.
+TRAINER_KEYS = frozenset({"progress", "lastCheckpoint", "artifacts", "preparation"})
 
 
 @dataclass

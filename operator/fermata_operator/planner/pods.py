@@ -11,6 +11,8 @@ from fermata_api import (
     CreationBlocked,
     Phase,
     PodStatusSummary,
+    PreparationMode,
+    PreparerStatus,
     TrainerControl,
     TrainingRunSpec,
     TrainingRunStatus,
@@ -119,6 +121,14 @@ def _team_budget_refuses(p: Pass, capacity: CapacityType) -> Plan | None:
     return p.finish()
 
 
+def _prepared(spec: TrainingRunSpec, st: TrainingRunStatus) -> PreparerStatus | None:
+    """spec.preparation.mode Pod: the verified dataset the training pod must find (it never
+    tokenizes then)."""
+    if spec.preparation.mode is not PreparationMode.pod or st.preparer is None:
+        return None
+    return st.preparer if st.preparer.prepared else None
+
+
 def start_next(p: Pass) -> Plan:
     """No current pod: wait out a backoff, or create the next incarnation."""
     assert p.spec is not None
@@ -140,6 +150,7 @@ def start_next(p: Pass) -> Plan:
     # checkpoint of another run only if the user named it.
     own = st.last_checkpoint
     resume = own.uri if own is not None else spec.resume_from
+    prepared = _prepared(spec, st)
     run = p.obs.run
     p.plan.create.append(podspec.config_map(run, spec, p.settings))
     p.plan.create.extend(podspec.trainer_rbac(run, spec.service_account))
@@ -153,6 +164,8 @@ def start_next(p: Pass) -> Plan:
             resume_from=resume,
             resume_digest=own.digest if own is not None else None,
             resume_explicit=own is None and spec.resume_from is not None,
+            prepared_manifest_digest=prepared.manifest_digest if prepared else None,
+            prepared_codes_key=prepared.codes_key if prepared else None,
         )
     )
     name = p.current_name
@@ -164,7 +177,7 @@ def start_next(p: Pass) -> Plan:
         spec_hash=spec_hash(spec),
     )
     st.capacity, st.retry_after = capacity.value, None
-    if st.phase in (None, Phase.running):
+    if st.phase in (None, Phase.running, Phase.preparing):
         st.phase = Phase.pending
     # A request addressed to an earlier pod (a termination notice, say) is not this pod's.
     if st.control is not None and st.control.checkpoint_request is not None:
@@ -193,3 +206,9 @@ def track_current(p: Pass, pod: PodView, outcome: Outcome) -> None:
         uid=pod.uid or (prev.uid if prev else None),
         spec_hash=prev.spec_hash if prev else None,
     )
+
+
+#: Shared with the preparation phase (:mod:`fermata_operator.planner.preparation`).
+blocked = _blocked
+price_unknown = _price_unknown
+team_budget_refuses = _team_budget_refuses

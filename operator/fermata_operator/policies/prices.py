@@ -63,6 +63,23 @@ _ON_DEMAND: dict[str, float] = {
     "p4d.24xlarge": 32.773,  # 8 GPUs
     "p4de.24xlarge": 40.966,  # 8 GPUs
     "p5.48xlarge": 55.04,  # 8 GPUs
+    # CPU only: the preparation pod (spec.preparation.resources.instanceTypes)
+    "m5.large": 0.096,
+    "m5.xlarge": 0.192,
+    "m5.2xlarge": 0.384,
+    "m5.4xlarge": 0.768,
+    "m6i.large": 0.096,
+    "m6i.xlarge": 0.192,
+    "m6i.2xlarge": 0.384,
+    "m6i.4xlarge": 0.768,
+    "c5.xlarge": 0.17,
+    "c5.2xlarge": 0.34,
+    "c5.4xlarge": 0.68,
+    "c6i.xlarge": 0.17,
+    "c6i.2xlarge": 0.34,
+    "c6i.4xlarge": 0.68,
+    "r5.xlarge": 0.252,
+    "r5.2xlarge": 0.504,
 }
 _SPOT_KNOWN: dict[str, float] = {
     "g4dn.xlarge": 0.39,
@@ -137,11 +154,21 @@ def unpriced_types(
     overrides: Iterable[PriceOverride],
 ) -> list[str]:
     """The ``type/capacity`` pairs a new pod could land on that have no price."""
-    overrides = list(overrides)
+    return unpriced(resources.instance_types, capacities, table, overrides)
+
+
+def unpriced(
+    instance_types: Iterable[str],
+    capacities: Iterable[CapacityType],
+    table: PriceTable,
+    overrides: Iterable[PriceOverride],
+) -> list[str]:
+    """The ``type/capacity`` pairs of these instance types that have no price."""
+    overrides, types = list(overrides), list(instance_types)
     return [
         price_key(itype, cap.value)
         for cap in capacities
-        for itype in resources.instance_types
+        for itype in types
         if table.lookup(itype, cap.value, overrides) is None
     ]
 
