@@ -2,7 +2,8 @@
 
 1. ``fermata local up`` with the test kubelet in ``exec`` mode (pods run as local processes);
 2. a synthetic MagnaTagATune-like dataset on local disk;
-3. a TrainingRun using the tiny in-code MusicGen (``tiny://``) that trains for real on the CPU,
+3. a TrainingRun using the tiny in-code MusicGen (``tiny://``): a preparation pod tokenizes the
+   dataset on the CPU node, then the training pod trains for real on the CPU,
    checkpoints to local storage, reports progress to its status and passes a step gate;
 4. ``kubectl get trainingruns`` printed each time it changes, until the run completes;
 5. ``kubectl describe``, then ``fermata local down``.
@@ -70,9 +71,8 @@ def demo_run(data: Path, storage: Path) -> dict[str, object]:
                 }
             ],
             "storage": {"checkpoints": str(storage), "keepLast": 2},
-            # Local mode plays GPU nodes only: the GPU pod tokenizes itself (the default, a
-            # preparation pod on CPU capacity first, is tests/e2e/test_preparation.py's).
-            "preparation": {"mode": "Trainer"},
+            # the default, spelled out: a preparation pod tokenizes on local mode's CPU node first
+            "preparation": {"mode": "Pod", "resources": {"cpu": "1", "memory": "2Gi"}},
         },
     }
 

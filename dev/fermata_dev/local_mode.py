@@ -2,7 +2,7 @@
 
 ``fermata local up`` starts a supervisor process in the background that owns everything:
 kube-apiserver (+ etcd), controller-manager and scheduler (:mod:`.cluster`), the test kubelet
-playing four GPU nodes (:mod:`.kubelet`, in ``auto`` mode: pods go Running at once; set
+playing four GPU nodes and a CPU node for preparation pods (:mod:`.kubelet`, in ``auto`` mode: pods go Running at once; set
 ``FERMATA_LOCAL_KUBELET_MODE=exec`` to run the real trainer command), the CRD, and the operator
 (``fermata operator``) as a child process. It writes the admin kubeconfig to
 ``.fermata/local/kubeconfig`` and prints it. ``fermata local down`` stops the supervisor, which
@@ -79,7 +79,9 @@ def up(timeout: float = 600.0) -> int:
     while time.monotonic() < deadline:
         if _ready_file().exists():
             kubeconfig = d / "kubeconfig"
-            print(f"local control plane, 4 fake GPU nodes and the operator are up (pid {proc.pid})")
+            print(
+                f"local control plane, 4 fake GPU nodes, a CPU node and the operator are up (pid {proc.pid})"
+            )
             print(f"export KUBECONFIG={kubeconfig}")
             return 0
         if proc.poll() is not None:
@@ -126,7 +128,10 @@ def status() -> int:
 
 def serve() -> int:
     """The supervisor: run everything until SIGTERM."""
-    from fermata_dev.kubelet import DEFAULT_NODES, LocalKubelet
+    from fermata_dev.kubelet import DEFAULT_NODES, LocalKubelet, NodeSpec
+
+    # a CPU node (a built-in price) for the preparation pods of spec.preparation.mode Pod
+    cpu_node = NodeSpec("cpu-1", "m5.xlarge", "on-demand", "us-east-1a", gpus=0, cpu="8", memory="32Gi")
 
     d = state_dir()
     stopping = False
@@ -150,7 +155,7 @@ def serve() -> int:
         venv_bin = Path(sys.executable).parent
         kubelet = LocalKubelet(
             cp.kubeconfig,
-            DEFAULT_NODES,
+            (*DEFAULT_NODES, cpu_node),
             mode=mode,  # type: ignore[arg-type]
             workdir=d / "kubelet",
             executables={"fermata-train": str(venv_bin / "fermata-train")},
