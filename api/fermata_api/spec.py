@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field, model_validator
 from pydantic.config import JsonDict
@@ -72,6 +72,45 @@ def _check_node_selector(value: dict[str, str]) -> dict[str, str]:
         if not re.match(LABEL_VALUE, label):
             raise ValueError(f"nodeSelector value {label!r} of {key!r} is not a Kubernetes label value")
     return value
+
+
+def _quantity_field(field: str, default: str, examples: str, description: str) -> Any:
+    """A resource quantity (cpu, memory, scratch size): a Kubernetes quantity greater than 0."""
+    return Field(
+        default=default,
+        min_length=1,
+        max_length=64,
+        json_schema_extra=_quantity(field, examples),
+        description=description,
+    )
+
+
+#: A pod's required node labels: Kubernetes label keys and values.
+NodeSelector = Annotated[
+    dict[str, Annotated[str, Field(max_length=63)]], AfterValidator(_check_node_selector)
+]
+
+
+def _no_labels() -> dict[str, str]:
+    return {}
+
+
+def _node_selector_field(field: str, description: str) -> Any:
+    return Field(
+        default_factory=_no_labels,
+        max_length=32,
+        json_schema_extra=field_rules(
+            (
+                f"self.all(k, k.matches('{LABEL_KEY}') && k.{_PREFIX_LENGTH})",
+                f"{field} keys must be Kubernetes label keys: " + _LABEL_KEY_MESSAGE,
+            ),
+            (
+                f"self.all(k, self[k].matches('{LABEL_VALUE}'))",
+                f"{field} values must be Kubernetes label values: empty or " + _LABEL_CHARS,
+            ),
+        ),
+        description=description,
+    )
 
 
 class ModelSpec(ApiModel):
@@ -625,19 +664,11 @@ class ResourcesSpec(ApiModel):
         description="Image pull policy of the trainer container.",
     )
     gpus: int = Field(default=1, ge=0, le=8, description="nvidia.com/gpu per pod; >1 runs torchrun DDP.")
-    cpu: str = Field(
-        default="2",
-        min_length=1,
-        max_length=64,
-        json_schema_extra=_quantity("resources.cpu", "2, 500m or 1.5"),
-        description="CPU request of the trainer container.",
+    cpu: str = _quantity_field(
+        "resources.cpu", "2", "2, 500m or 1.5", "CPU request of the trainer container."
     )
-    memory: str = Field(
-        default="8Gi",
-        min_length=1,
-        max_length=64,
-        json_schema_extra=_quantity("resources.memory", "8Gi or 16000Mi"),
-        description="Memory request and limit of the trainer container.",
+    memory: str = _quantity_field(
+        "resources.memory", "8Gi", "8Gi or 16000Mi", "Memory request and limit of the trainer container."
     )
     instance_types: list[
         Annotated[
@@ -662,22 +693,8 @@ class ResourcesSpec(ApiModel):
         default=CapacityType.spot,
         description="spot (falls back to on-demand per spec.spot) or on-demand.",
     )
-    node_selector: Annotated[
-        dict[str, Annotated[str, Field(max_length=63)]], AfterValidator(_check_node_selector)
-    ] = Field(
-        default_factory=dict,
-        max_length=32,
-        json_schema_extra=field_rules(
-            (
-                f"self.all(k, k.matches('{LABEL_KEY}') && k.{_PREFIX_LENGTH})",
-                "resources.nodeSelector keys must be Kubernetes label keys: " + _LABEL_KEY_MESSAGE,
-            ),
-            (
-                f"self.all(k, self[k].matches('{LABEL_VALUE}'))",
-                "resources.nodeSelector values must be Kubernetes label values: empty or " + _LABEL_CHARS,
-            ),
-        ),
-        description="Extra node labels the trainer pod requires.",
+    node_selector: NodeSelector = _node_selector_field(
+        "resources.nodeSelector", "Extra node labels the trainer pod requires."
     )
     tolerations: list[Toleration] = Field(
         default_factory=list, max_length=32, description="Extra tolerations for the trainer pod."
@@ -700,12 +717,11 @@ class ResourcesSpec(ApiModel):
             "Time the trainer gets to write its checkpoint after SIGTERM (a spot notice gives ~120 s)."
         ),
     )
-    scratch_size: str = Field(
-        default="50Gi",
-        min_length=1,
-        max_length=64,
-        json_schema_extra=_quantity("resources.scratchSize", "50Gi or 100G"),
-        description="Size limit of the pod's scratch volume (code cache, downloads).",
+    scratch_size: str = _quantity_field(
+        "resources.scratchSize",
+        "50Gi",
+        "50Gi or 100G",
+        "Size limit of the pod's scratch volume (code cache, downloads).",
     )
 
 
@@ -927,19 +943,14 @@ DEFAULT_PREPARATION_INSTANCE_TYPES = ["m5.xlarge", "m5.2xlarge", "m6i.xlarge", "
 class PreparationResources(ApiModel):
     """Where and on what the preparation pod runs (CPU capacity: no GPU is requested)."""
 
-    cpu: str = Field(
-        default="4",
-        min_length=1,
-        max_length=64,
-        json_schema_extra=_quantity("preparation.resources.cpu", "4, 500m or 1.5"),
-        description="CPU request of the preparation container.",
+    cpu: str = _quantity_field(
+        "preparation.resources.cpu", "4", "4, 500m or 1.5", "CPU request of the preparation container."
     )
-    memory: str = Field(
-        default="16Gi",
-        min_length=1,
-        max_length=64,
-        json_schema_extra=_quantity("preparation.resources.memory", "16Gi or 16000Mi"),
-        description="Memory request and limit of the preparation container.",
+    memory: str = _quantity_field(
+        "preparation.resources.memory",
+        "16Gi",
+        "16Gi or 16000Mi",
+        "Memory request and limit of the preparation container.",
     )
     instance_types: list[
         Annotated[
@@ -970,34 +981,17 @@ class PreparationResources(ApiModel):
             "resumes where the code cache left off)."
         ),
     )
-    node_selector: Annotated[
-        dict[str, Annotated[str, Field(max_length=63)]], AfterValidator(_check_node_selector)
-    ] = Field(
-        default_factory=dict,
-        max_length=32,
-        json_schema_extra=field_rules(
-            (
-                f"self.all(k, k.matches('{LABEL_KEY}') && k.{_PREFIX_LENGTH})",
-                "preparation.resources.nodeSelector keys must be Kubernetes label keys: "
-                + _LABEL_KEY_MESSAGE,
-            ),
-            (
-                f"self.all(k, self[k].matches('{LABEL_VALUE}'))",
-                "preparation.resources.nodeSelector values must be Kubernetes label values: empty or "
-                + _LABEL_CHARS,
-            ),
-        ),
-        description="Extra node labels the preparation pod requires.",
+    node_selector: NodeSelector = _node_selector_field(
+        "preparation.resources.nodeSelector", "Extra node labels the preparation pod requires."
     )
     tolerations: list[Toleration] = Field(
         default_factory=list, max_length=32, description="Extra tolerations for the preparation pod."
     )
-    scratch_size: str = Field(
-        default="50Gi",
-        min_length=1,
-        max_length=64,
-        json_schema_extra=_quantity("preparation.resources.scratchSize", "50Gi or 100G"),
-        description="Size limit of the preparation pod's scratch volume (downloads, code shards).",
+    scratch_size: str = _quantity_field(
+        "preparation.resources.scratchSize",
+        "50Gi",
+        "50Gi or 100G",
+        "Size limit of the preparation pod's scratch volume (downloads, code shards).",
     )
 
 

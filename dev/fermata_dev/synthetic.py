@@ -13,10 +13,13 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
+import av
 import numpy as np
 import numpy.typing as npt
 import soundfile as sf
+from av.audio.stream import AudioStream
 
 from fermata_api import DEFAULT_PROXY_TAGS
 
@@ -244,6 +247,37 @@ class SyntheticMtat:
     clip_ids: list[str]
     qualifying: list[str]
     paths: dict[str, Path]
+
+
+def encode_audio(
+    path: Path,
+    samples: npt.NDArray[np.float32],
+    rate: int,
+    *,
+    container: str = "mp3",
+    codec: str = "libmp3lame",
+    bitrate: int | None = None,
+) -> Path:
+    """Encode float samples (``[T]`` mono or ``[C, T]``) with PyAV (FFmpeg) into a real file: MP3
+    with LAME (which writes a Xing/Info header with the length), AAC in MP4 for M4A, and so on;
+    ``bitrate`` in bits per second (the encoder's default when None)."""
+    data = samples[None] if samples.ndim == 1 else samples
+    layout = "stereo" if data.shape[0] == 2 else "mono"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w", format=container) as out:
+        stream = cast(AudioStream, out.add_stream(codec, rate=rate, layout=layout))
+        if bitrate is not None:
+            stream.bit_rate = bitrate
+        step = 1152 * 16
+        for start in range(0, data.shape[1], step):
+            chunk = np.ascontiguousarray(data[:, start : start + step], dtype=np.float32)
+            frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=layout)
+            frame.sample_rate = rate
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
 
 
 def make_mtat_tree(

@@ -10,7 +10,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import pytest
 import soundfile as sf
@@ -19,6 +18,7 @@ import yaml
 from pydantic import ValidationError
 
 from fermata_api import DatasetSpec, TrainingRunSpec
+from fermata_dev.synthetic import encode_audio
 from fermata_operator import crdgen
 from fermata_trainer.audio_io import decode_audio
 from fermata_trainer.codes_cache import encode_clip
@@ -57,20 +57,7 @@ def write_wav(path: Path, samples: np.ndarray, rate: int = RATE, fmt: str = "WAV
 
 
 def write_mp3(path: Path, samples: np.ndarray, kbps: int, rate: int = RATE) -> Path:
-    with av.open(str(path), "w", format="mp3") as container:
-        stream = container.add_stream("libmp3lame", rate=rate, layout="mono")
-        stream.bit_rate = kbps * 1000
-        step = 1152 * 16
-        for start in range(0, samples.size, step):
-            frame = av.AudioFrame.from_ndarray(
-                samples[None, start : start + step], format="flt", layout="mono"
-            )
-            frame.sample_rate = rate
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    return path
+    return encode_audio(path, samples, rate, bitrate=kbps * 1000)
 
 
 def write_manifest(root: Path, entries: list[dict[str, Any]]) -> Path:

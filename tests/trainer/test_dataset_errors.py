@@ -13,13 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import soundfile as sf
 
 from fermata_api import EXIT_CONFIG_ERROR, DatasetSource, DatasetSpec
-from fermata_dev.synthetic import make_manifest, synth_clip
+from fermata_dev.synthetic import encode_audio, make_manifest, synth_clip
 from fermata_trainer.audio_io import decode_audio, decode_count, inspect_audio
 from fermata_trainer.dataset import REPORT_KEY, ManifestFormatError, _resolve_manifest_audio, prepare_dataset
 from fermata_trainer.logging_setup import configure_logging, get_logger
@@ -34,20 +33,7 @@ RATE = 44100
 def write_mp3(path: Path, seconds: float, rate: int = RATE, bitrate: int = 128_000) -> Path:
     """A CBR MP3 encoded with PyAV (libmp3lame); LAME writes a Xing/Info header with the length."""
     samples = np.tile(synth_clip(3, 1.0, rate), int(np.ceil(seconds)))[: int(seconds * rate)]
-    with av.open(str(path), "w", format="mp3") as container:
-        stream = container.add_stream("libmp3lame", rate=rate, layout="mono")
-        stream.bit_rate = bitrate
-        step = 1152 * 16
-        for start in range(0, samples.size, step):
-            frame = av.AudioFrame.from_ndarray(
-                samples[None, start : start + step], format="flt", layout="mono"
-            )
-            frame.sample_rate = rate
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    return path
+    return encode_audio(path, samples, rate, bitrate=bitrate)
 
 
 @pytest.fixture(scope="module")

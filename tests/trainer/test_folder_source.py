@@ -8,7 +8,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import av
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -18,6 +17,7 @@ from mutagen.id3 import ID3, TBPM, TCON, TIT2, TKEY, TPE1
 from mutagen.mp4 import MP4
 
 from fermata_api import DatasetSource, DatasetSpec
+from fermata_dev.synthetic import encode_audio
 from fermata_trainer.audio_analysis import estimate_key, estimate_tempo
 from fermata_trainer.audio_io import decode_count
 from fermata_trainer.audio_tags import normalize_key, read_tags
@@ -105,17 +105,7 @@ def synth_clip(
 
 def write_encoded(path: Path, samples: FloatArray, rate: int, container: str, codec: str) -> Path:
     """Encode with PyAV (libmp3lame for MP3, AAC in an MP4 container for M4A)."""
-    layout = "stereo" if samples.shape[0] == 2 else "mono"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w", format=container) as out:
-        stream = out.add_stream(codec, rate=rate, layout=layout)
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples), format="fltp", layout=layout)
-        frame.sample_rate = rate
-        for packet in stream.encode(frame):
-            out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return path
+    return encode_audio(path, samples, rate, container=container, codec=codec)
 
 
 def write_pcm(path: Path, samples: FloatArray, rate: int) -> Path:

@@ -189,14 +189,15 @@ def start_next(p: Pass) -> Plan:
     return p.finish()
 
 
-def track_current(p: Pass, pod: PodView, outcome: Outcome) -> None:
-    """Refresh ``status.pod`` from the current pod and its node."""
-    st = p.st
+def summarize(
+    p: Pass, pod: PodView, outcome: Outcome, incarnation: int, prev: PodStatusSummary | None
+) -> PodStatusSummary:
+    """A pod and its node as status records them; what the pod or node no longer shows (a node
+    gone, a start time not yet seen) is kept from ``prev``."""
     node = p.node_of(pod)
-    prev = st.pod
-    st.pod = PodStatusSummary(
+    return PodStatusSummary(
         name=pod.name,
-        incarnation=st.incarnation,
+        incarnation=incarnation,
         phase=pod.phase,
         node_name=pod.node_name,
         instance_type=(node.instance_type if node else None) or (prev.instance_type if prev else None),
@@ -206,6 +207,11 @@ def track_current(p: Pass, pod: PodView, outcome: Outcome) -> None:
         uid=pod.uid or (prev.uid if prev else None),
         spec_hash=prev.spec_hash if prev else None,
     )
+
+
+def track_current(p: Pass, pod: PodView, outcome: Outcome) -> None:
+    """Refresh ``status.pod`` from the current pod and its node."""
+    p.st.pod = summarize(p, pod, outcome, p.st.incarnation, p.st.pod)
 
 
 #: Shared with the preparation phase (:mod:`fermata_operator.planner.preparation`).

@@ -124,19 +124,7 @@ def _start(p: Pass, tr: PreparerStatus, name: str) -> Plan:
 
 
 def _track(p: Pass, tr: PreparerStatus, pod: PodView, outcome: Outcome) -> None:
-    node = p.node_of(pod)
-    prev = tr.pod
-    tr.pod = PodStatusSummary(
-        name=pod.name,
-        incarnation=tr.incarnation,
-        phase=pod.phase,
-        node_name=pod.node_name,
-        instance_type=(node.instance_type if node else None) or (prev.instance_type if prev else None),
-        capacity_type=(node.capacity_type if node else None) or (prev.capacity_type if prev else None),
-        created=pod.created,
-        started=outcome.started or (prev.started if prev else None),
-        uid=pod.uid or (prev.uid if prev else None),
-    )
+    tr.pod = trainer_pods.summarize(p, pod, outcome, tr.incarnation, tr.pod)
 
 
 def _waiting(p: Pass, name: str, outcome: Outcome) -> Plan:
