@@ -701,7 +701,7 @@ CASES = {
     ),
     "tolerate-everything": (
         {"resources": {"tolerations": [{"operator": "Exists"}]}},
-        "spec.resources.tolerations: a toleration without a key (operator Exists) tolerates every taint",
+        "spec.resources.tolerations or spec.preparation.resources.tolerations: a toleration without a key (operator Exists) tolerates every taint",
     ),
     "toleration-key": (
         {
@@ -709,7 +709,7 @@ CASES = {
                 "tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}]
             }
         },
-        "spec.resources.tolerations: taint key(s) node-role.kubernetes.io/control-plane may not be tolerated; allowed: fermata.dev/dedicated",
+        "spec.resources.tolerations or spec.preparation.resources.tolerations: taint key(s) node-role.kubernetes.io/control-plane may not be tolerated; allowed: fermata.dev/dedicated",
     ),
     "image": (
         {"resources": {"image": "docker.io/evil/miner:1"}},
@@ -750,7 +750,7 @@ CASES = {
                 "nodeSelector": {"kubernetes.io/hostname": "gpu-1", "topology.kubernetes.io/zone": "a"}
             }
         },
-        "spec.resources.nodeSelector: label key(s) kubernetes.io/hostname may not be selected",
+        "spec.resources.nodeSelector or spec.preparation.resources.nodeSelector: label key(s) kubernetes.io/hostname may not be selected",
     ),
     # the preparation pod's placement is checked like the trainer pod's
     "preparation-toleration-key": (
@@ -761,11 +761,13 @@ CASES = {
                 }
             }
         },
-        "taint key(s) node-role.kubernetes.io/control-plane may not be tolerated",
+        "spec.resources.tolerations or spec.preparation.resources.tolerations: taint key(s) "
+        "node-role.kubernetes.io/control-plane may not be tolerated",
     ),
     "preparation-node-selector": (
         {"preparation": {"resources": {"nodeSelector": {"kubernetes.io/hostname": "cpu-1"}}}},
-        "label key(s) kubernetes.io/hostname may not be selected",
+        "spec.resources.nodeSelector or spec.preparation.resources.nodeSelector: label key(s) "
+        "kubernetes.io/hostname may not be selected",
     ),
 }
 
