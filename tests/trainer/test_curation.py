@@ -377,6 +377,26 @@ def test_weighted_sources(tmp_path: Path) -> None:
     assert set(unweighted.report["curation"]["groups"]) == {"classic", "private-school"}
 
 
+def test_each_source_filters_with_its_own_min_tags_and_the_report_names_the_sources(tmp_path: Path) -> None:
+    """Two MagnaTagATune trees as sources, minTags 1 and 3: each one's tag filter is counted under
+    its own reason, and the report lists the sources (there is no top-level uri)."""
+    from fermata_dev.synthetic import make_mtat_tree
+
+    loose = make_mtat_tree(tmp_path / "loose", clips=6, qualifying_every=2)
+    strict = make_mtat_tree(tmp_path / "strict", clips=6, qualifying_every=3)
+    sources = [
+        {"name": "loose", "source": "magnatagatune", "uri": str(loose.root), "minTags": 1},
+        {"name": "strict", "source": "magnatagatune", "uri": str(strict.root), "minTags": 3},
+    ]
+    prepared = prepare(tmp_path, sources=sources)
+    reasons = prepared.report["skippedByReason"]
+    assert reasons["fewer than 3 proxy tags"] == 6 - len(strict.qualifying)
+    assert reasons["fewer than 1 proxy tags"] == 6 - len(loose.qualifying)
+    assert prepared.report["uri"] is None
+    assert [s["name"] for s in prepared.report["sources"]] == ["loose", "strict"]
+    assert prepared.report["skippedCount"] == sum(reasons.values())
+
+
 def test_everything_filtered_out_is_an_empty_subset(tmp_path: Path) -> None:
     data = tmp_path / "data"
     write_wav(data / "a.wav", tone(0.5))

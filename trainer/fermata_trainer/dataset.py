@@ -183,8 +183,13 @@ class _Scan:
     candidates: list[Candidate]
     rows: int = 0
     skipped: list[Skipped] = field(default_factory=list)
-    filtered_out: int = 0
+    #: rows the source's own filter removed, by reason (``fewer than 3 proxy tags``)
+    filtered: dict[str, int] = field(default_factory=dict)  # a plain dict: asdict() breaks a Counter
     missing_proxy_tags: list[str] = field(default_factory=list)
+
+    @property
+    def filtered_out(self) -> int:
+        return sum(self.filtered.values())
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -354,7 +359,9 @@ def _scan_mtat(spec: DatasetSpec) -> _Scan:
         candidates,
         rows=parsed.rows,
         skipped=parsed.skipped,
-        filtered_out=parsed.filtered_out,
+        filtered={f"fewer than {spec.min_tags} proxy tags": parsed.filtered_out}
+        if parsed.filtered_out
+        else {},
         missing_proxy_tags=parsed.missing_proxy_tags,
     )
 
@@ -491,7 +498,8 @@ def _scan(spec: DatasetSpec, storage: Storage, fetcher: AudioFetcher) -> _Scan:
         ]
         merged.skipped += [replace(k, id=f"{source.name}/{k.id}") for k in part.skipped]
         merged.rows += part.rows
-        merged.filtered_out += part.filtered_out
+        for reason, count in part.filtered.items():
+            merged.filtered[reason] = merged.filtered.get(reason, 0) + count
         merged.missing_proxy_tags += [
             t for t in part.missing_proxy_tags if t not in merged.missing_proxy_tags
         ]
@@ -836,8 +844,7 @@ def prepare_dataset(
         log.warning("dataset_clip_skipped", clip=item.id, audio=item.audio, reason=item.reason)
 
     reasons = Counter(s.reason.split(":")[0] for s in skipped)
-    if scan.filtered_out:
-        reasons[f"fewer than {spec.min_tags} proxy tags"] = scan.filtered_out
+    reasons.update(scan.filtered)
     if not good:
         raise EmptySubsetError(_empty_message(spec, scan, skipped))
 
@@ -864,7 +871,8 @@ def prepare_dataset(
         "formatVersion": DATASET_FORMAT_VERSION,
         "createdAt": datetime.now(UTC).isoformat(),
         "source": spec.source.value,
-        "uri": spec.uri,
+        "uri": spec.uri or None,
+        "sources": [s.model_dump(mode="json", by_alias=True) for s in spec.sources] if spec.sources else None,
         "proxyTags": list(spec.proxy_tags),
         "minTags": spec.min_tags,
         "missingProxyTags": scan.missing_proxy_tags,
@@ -905,7 +913,12 @@ def prepare_dataset(
 
 
 def _empty_message(spec: DatasetSpec, scan: _Scan, skipped: list[Skipped]) -> str:
-    if spec.source is DatasetSource.magnatagatune:
+    if spec.sources:
+        names = ", ".join(s.name for s in spec.sources)
+        head = f"no usable clip in dataset.sources ({names}): {scan.rows} rows or files"
+        if scan.filtered:
+            head += ", " + ", ".join(f"{n} {r}" for r, n in sorted(scan.filtered.items()))
+    elif spec.source is DatasetSource.magnatagatune:
         head = (
             f"no usable clip in {spec.uri}: {scan.rows} rows, {scan.filtered_out} with fewer than "
             f"{spec.min_tags} of the proxy tags {spec.proxy_tags}"
