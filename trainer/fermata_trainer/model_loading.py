@@ -132,7 +132,8 @@ class LoadedModel:
 
 def parse_tiny(base: str) -> TinySpec:
     """``tiny://seed=3,layers=2`` → :class:`TinySpec` (``dropout=0`` turns the LM's dropout off,
-    for runs whose losses must not depend on how a batch is split across ranks)."""
+    for runs whose losses must not depend on how a batch is split across ranks; ``filters`` sizes
+    the EnCodec's convolutions, and so what tokenizing costs)."""
     if not base.startswith(TINY_SCHEME):
         raise ValueError(f"not a tiny model reference: {base!r}")
     params: dict[str, Any] = {}
@@ -142,7 +143,17 @@ def parse_tiny(base: str) -> TinySpec:
         if not sep:
             raise TrainerConfigError(f"model.base {base!r}: expected key=value, got {part!r}")
         name = name.strip().replace("-", "_")
-        if name not in {"seed", "layers", "dim", "heads", "bins", "codebooks", "sample_rate", "dropout"}:
+        if name not in {
+            "seed",
+            "layers",
+            "dim",
+            "heads",
+            "bins",
+            "codebooks",
+            "sample_rate",
+            "filters",
+            "dropout",
+        }:
             raise TrainerConfigError(f"model.base {base!r}: unknown tiny parameter {name!r}")
         params[name] = _tiny_number(base, name, value)
     return TinySpec(**params)
