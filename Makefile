@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PACKAGES := api/fermata_api operator/fermata_operator trainer/fermata_trainer
 
-.PHONY: all venv demo test test-fast lint typecheck crds crds-check cluster-bin s3-bin helm-bin promtool local-up local-down clean
+.PHONY: all venv demo test test-fast lint typecheck crds crds-check cluster-bin s3-bin helm-bin promtool images local-up local-down clean
 
 all: test
 
@@ -39,6 +39,12 @@ s3-bin:
 helm-bin:
 	bash tools/helm/build.sh
 
+# The operator and trainer images from the Dockerfile, built with buildah (chroot isolation, vfs
+# storage; buildah and debootstrap come from Debian) on a debootstrap bookworm base, tagged as the
+# chart and the examples name them. Rebuilt only when their inputs change. Cold: see BENCHMARKS.md.
+images:
+	bash tools/images/build.sh
+
 # promtool, from Debian's prometheus package, for the alert-rule tests.
 promtool:
 	command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
@@ -59,7 +65,7 @@ typecheck: venv
 
 # Everything CI runs: lint, types, CRD drift, and the whole test suite (unit, trainer on CPU,
 # operator against the real API server, S3 against a real server).
-test: venv cluster-bin s3-bin helm-bin promtool crds-check lint typecheck
+test: venv cluster-bin s3-bin helm-bin promtool images crds-check lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # Only the tests that need neither Go binary.

@@ -38,6 +38,14 @@ def miniature(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 @pytest.fixture(scope="session")
+def built_images() -> Any:
+    """The operator and trainer images of ``make images`` (built now if their inputs changed)."""
+    from fermata_dev.images import ensure_built
+
+    return ensure_built()
+
+
+@pytest.fixture(scope="session")
 def testcluster_binary() -> Path:
     """The fermata-testcluster binary, built on first use (skips the tests if it cannot be)."""
     try:
@@ -88,6 +96,8 @@ def kubelet(_session_kubelet: LocalKubelet) -> LocalKubelet:
     """The session's test kubelet, reset for each test: auto mode, the default nodes as
     registered (re-created if deleted, extra taints removed)."""
     _session_kubelet.set_mode("auto")
+    _session_kubelet.images.clear()
+    _session_kubelet.forward_ports.clear()
     for name in set(_session_kubelet.node_names) - {n.name for n in DEFAULT_NODES}:
         _session_kubelet.delete_node(name)
     for spec in DEFAULT_NODES:

@@ -46,8 +46,14 @@ import yaml
 ENV_BINARY = "FERMATA_TESTCLUSTER_BIN"
 """Environment variable naming a prebuilt ``fermata-testcluster`` binary (skips the build)."""
 
-DEFAULT_CONTROLLERS: tuple[str, ...] = ("garbagecollector", "namespace", "serviceaccount")
-"""kube-controller-manager controllers started by default."""
+DEFAULT_CONTROLLERS: tuple[str, ...] = (
+    "garbagecollector",
+    "namespace",
+    "serviceaccount",
+    "root-ca-cert-publisher",
+)
+"""kube-controller-manager controllers started by default (the last publishes ``kube-root-ca.crt``
+in every namespace, the CA a pod's in-cluster client trusts)."""
 
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc"
 ADMIN_USER = "fermata-admin"
@@ -356,6 +362,8 @@ class LocalControlPlane:
             "--leader-elect=false",
             "--secure-port=0",
             "--use-service-account-credentials=false",
+            # The serving certificate's bundle (leaf + CA), published as kube-root-ca.crt.
+            f"--root-ca-file={self.workdir / 'certs' / 'apiserver.crt'}",
             "--profiling=false",
         ]
 

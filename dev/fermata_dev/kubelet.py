@@ -17,6 +17,23 @@ them and drives those pods through their lifecycle according to a mode:
     code (a signal N gives 128+N) in ``containerStatuses[0].state.terminated``.
 
 The mode is set per kubelet; the pod annotation ``kubelet.fermata.dev/mode`` overrides it.
+A pod whose container names an image in :attr:`LocalKubelet.images` (built by ``make images``,
+see :mod:`fermata_dev.images`) runs from that image in ``auto`` and ``exec`` mode: image mode.
+
+Image mode (what the container sees)
+------------------------------------
+What a container runtime gives it (:mod:`fermata_dev.podexec`): the image's root file system as
+``/`` (an overlay: the image is never written; read-only with ``readOnlyRootFilesystem``), the
+pod's volumes bind-mounted at their ``mountPath`` (``readOnly`` honoured, ``subPath``), the
+image's ``ENV`` under the pod's ``env``/``envFrom``, ``command``/``args`` over the image's
+ENTRYPOINT/CMD by Kubernetes' rule, ``runAsUser``/``runAsGroup`` else the image's ``USER``,
+``workingDir`` else the image's, a ``/proc``, a minimal ``/dev`` and the node's ``/etc/hosts``. The
+identity is in-cluster: ``KUBERNETES_SERVICE_HOST``/``_PORT`` and the service-account token, CA and
+namespace the API server's ServiceAccount admission put in the pod's ``kube-api-access`` volume
+(the controller-manager publishes ``kube-root-ca.crt``). Each pod has a network namespace of its
+own (unless ``hostNetwork``) in which the API server's port and :attr:`LocalKubelet.forward_ports`
+answer on ``127.0.0.1`` through a relay to the node's loopback. Nothing is remapped: no path the
+program sees differs from the path in the pod spec.
 
 Exec mode contract (what the program sees)
 ------------------------------------------
@@ -75,6 +92,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -84,11 +102,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Literal, Self, cast
+from urllib.parse import urlsplit
 
 import structlog
 import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+
+from fermata_dev.images import Image
+from fermata_dev.podexec import ContainerSpec, Mount
 
 log = structlog.get_logger("fermata_dev.kubelet")
 
@@ -268,6 +290,59 @@ def map_mounted_path(path: str, mount_paths: Iterable[str], rootfs: Path) -> Pat
     return None
 
 
+def _security(pod: JSON, container: JSON) -> JSON:
+    """The container's security context over the pod's (the fields both can set)."""
+    pod_level = (pod.get("spec") or {}).get("securityContext") or {}
+    return {**pod_level, **(container.get("securityContext") or {})}
+
+
+def spec_of(pod: JSON) -> JSON:
+    return cast(JSON, pod.get("spec") or {})
+
+
+def _fs_groups(pod: JSON) -> list[int]:
+    ctx = (pod.get("spec") or {}).get("securityContext") or {}
+    groups = [int(g) for g in ctx.get("supplementalGroups") or []]
+    if ctx.get("fsGroup") is not None:
+        groups.append(int(ctx["fsGroup"]))
+    return groups
+
+
+def run_as(pod: JSON, container: JSON, image: Image) -> tuple[int, int]:
+    """uid and gid: ``runAsUser`` / ``runAsGroup`` (container over pod), else the image's USER."""
+    ctx = _security(pod, container)
+    image_uid, image_gid = image.uid_gid()
+    uid = int(ctx["runAsUser"]) if ctx.get("runAsUser") is not None else image_uid
+    gid = int(ctx["runAsGroup"]) if ctx.get("runAsGroup") is not None else image_gid
+    return uid, gid
+
+
+def image_argv(container: JSON, image: Image, env: Mapping[str, str]) -> list[str]:
+    """Kubernetes' rule: ``command`` replaces the ENTRYPOINT (and drops CMD), ``args`` replace
+    CMD; ``$(VAR)`` expands in both."""
+    command, args = container.get("command"), container.get("args")
+    if command:
+        argv = [*command, *(args or [])]
+    else:
+        argv = [*image.entrypoint, *(args if args is not None else image.cmd)]
+    return [expand(str(part), env) for part in argv]
+
+
+def image_mounts(container: JSON, volumes: Mapping[str, Path]) -> list[Mount]:
+    mounts = []
+    for mount in container.get("volumeMounts") or []:
+        volume = volumes.get(mount["name"])
+        if volume is None:
+            continue
+        source = volume
+        if mount.get("subPath"):
+            source = volume / mount["subPath"]
+            if not source.exists():
+                source.mkdir(parents=True)
+        mounts.append(Mount(str(source), str(mount["mountPath"]), bool(mount.get("readOnly"))))
+    return mounts
+
+
 def _exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
@@ -305,6 +380,7 @@ class LocalKubelet:
         mode: Mode = "auto",
         workdir: Path | None = None,
         executables: Mapping[str, str] | None = None,
+        images: Mapping[str, Image] | None = None,
         extra_env: Mapping[str, str] | None = None,
         passthrough_env: Sequence[str] = DEFAULT_PASSTHROUGH_ENV,
         heartbeat_interval: float = 10.0,
@@ -316,6 +392,12 @@ class LocalKubelet:
         self.mode: Mode = mode
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="fermata-kubelet-")).resolve()
         self.executables = dict(executables or {})
+        #: Image name → built image (:func:`fermata_dev.images.load_index`): an exec-mode pod
+        #: whose container names one of these runs from the image's root file system.
+        self.images: dict[str, Image] = dict(images or {})
+        #: Node loopback ports an image-mode pod reaches from its own network namespace (the
+        #: API server's port always): an S3 server on loopback, for instance.
+        self.forward_ports: set[int] = set()
         self.extra_env = dict(extra_env or {})
         self.passthrough_env = tuple(passthrough_env)
         self.heartbeat_interval = heartbeat_interval
@@ -744,6 +826,8 @@ class LocalKubelet:
         if status.get("phase") in TERMINAL_PHASES:
             return
         mode = (meta.get("annotations") or {}).get(MODE_ANNOTATION, self.mode)
+        if mode == "auto" and self._image_of(pod) is not None:
+            mode = "exec"  # a pod whose image was built runs it for real
         if mode == "auto":
             if status.get("phase", "Pending") == "Pending":
                 self._patch_status(pod, self._running_status(pod))
@@ -1098,6 +1182,10 @@ class LocalKubelet:
             return
         container = containers[0]
         root = self.workdir / "pods" / f"{namespace}_{name}_{uid[:8]}"
+        image = self._image_of(pod)
+        if image is not None:
+            self._launch_image(pod, container, image, root)
+            return
         rootfs = root / "root"
         rootfs.mkdir(parents=True, exist_ok=True)
 
@@ -1137,11 +1225,16 @@ class LocalKubelet:
         argv[0] = executable
         cwd = self._working_dir(container.get("workingDir"), mount_paths, rootfs)
         cwd.mkdir(parents=True, exist_ok=True)
-        rt.log_file = log_path.open("ab")
+        self._start_process(pod, rt, argv, env, cwd)
+
+    def _start_process(
+        self, pod: JSON, rt: _PodRuntime, argv: list[str], env: Mapping[str, str], cwd: Path
+    ) -> None:
+        rt.log_file = rt.log_path.open("ab")
         try:
             rt.process = subprocess.Popen(
                 argv,
-                env=env,
+                env=dict(env),
                 cwd=cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=rt.log_file,
@@ -1153,13 +1246,73 @@ class LocalKubelet:
             rt.done.set()
             self._patch_status(
                 pod,
-                self._terminated_status(pod, 128, "StartError", str(exc), started_at=started_at),
+                self._terminated_status(pod, 128, "StartError", str(exc), started_at=rt.started_at),
             )
             return
-        log.info("pod.exec", namespace=namespace, pod=name, argv=argv, pid=rt.process.pid)
-        self._patch_status(pod, self._running_status(pod, started_at))
+        log.info("pod.exec", namespace=rt.namespace, pod=rt.name, argv=argv, pid=rt.process.pid)
+        self._patch_status(pod, self._running_status(pod, rt.started_at))
         waiter = threading.Thread(target=self._wait_process, args=(rt, pod), daemon=True)
         waiter.start()
+
+    # -- image mode: the container from its image's root file system ------------------------------
+
+    def _launch_image(self, pod: JSON, container: JSON, image: Image, root: Path) -> None:
+        """Run the container as a runtime would: its image's root file system (an overlay), its
+        volumes bind-mounted at their paths, its uid/gid, env, working directory and command, in a
+        private mount namespace (:mod:`fermata_dev.podexec`). Nothing is remapped."""
+        meta = pod["metadata"]
+        namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+        if os.geteuid() != 0:
+            raise RuntimeError("image mode needs root (mount namespace, overlay, chroot)")
+        root.mkdir(parents=True, exist_ok=True)
+        env, _ = self._container_env(pod, container, base=self._image_env(image, name))
+        volumes = self._materialize_volumes(pod, root / "volumes")
+        cspec = ContainerSpec(
+            rootfs=str(image.rootfs),
+            scratch=str(root / "container"),
+            argv=image_argv(container, image, env),
+            env=env,
+            uid=run_as(pod, container, image)[0],
+            gid=run_as(pod, container, image)[1],
+            working_dir=str(container.get("workingDir") or image.working_dir or "/"),
+            read_only_root=bool(_security(pod, container).get("readOnlyRootFilesystem")),
+            groups=[int(g) for g in _fs_groups(pod)],
+            mounts=image_mounts(container, volumes),
+            forward_ports=None if spec_of(pod).get("hostNetwork") else self._forwarded(),
+        )
+        spec_path = root / "container.json"
+        spec_path.write_text(cspec.to_json())
+        spec_path.chmod(0o600)
+        log_path = root / "container.log"
+        rt = _PodRuntime(uid, namespace, name, root, log_path, _now())
+        with self._lock:
+            self._runtimes[uid] = rt
+            self._logs[(namespace, name)] = log_path
+        launcher = [
+            "unshare", "--mount", "--propagation", "private",
+            sys.executable, "-m", "fermata_dev.podexec", str(spec_path),
+        ]  # fmt: skip
+        log.info("pod.image", namespace=namespace, pod=name, image=image.ref, argv=cspec.argv)
+        self._start_process(pod, rt, launcher, {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, root)
+
+    def _image_of(self, pod: JSON) -> Image | None:
+        containers = spec_of(pod).get("containers") or []
+        return self.images.get(str(containers[0].get("image", ""))) if containers else None
+
+    def _forwarded(self) -> list[int]:
+        server = urlsplit(str(self._cluster_entry.get("server", "")))
+        return sorted({server.port or 443, *self.forward_ports})
+
+    def _image_env(self, image: Image, pod_name: str) -> dict[str, str]:
+        """The image's ``ENV`` and what a kubelet adds: the pod's hostname and the API server's
+        address for in-cluster clients (the token and CA come from the pod's own volume)."""
+        server = urlsplit(str(self._cluster_entry.get("server", "")))
+        return {
+            **image.env,
+            "HOSTNAME": pod_name,
+            "KUBERNETES_SERVICE_HOST": server.hostname or "127.0.0.1",
+            "KUBERNETES_SERVICE_PORT": str(server.port or 443),
+        }
 
     @staticmethod
     def _working_dir(workdir: str | None, mount_paths: Sequence[str], rootfs: Path) -> Path:
@@ -1262,11 +1415,17 @@ class LocalKubelet:
             return "\n".join(f'{k}="{v}"' for k, v in sorted(items.items()))
         return str(values.get(path) or "")
 
-    def _container_env(self, pod: JSON, container: JSON) -> tuple[dict[str, str], set[str]]:
-        """The process environment, and the names the pod itself set (``envFrom`` and ``env``)."""
+    def _container_env(
+        self, pod: JSON, container: JSON, base: Mapping[str, str] | None = None
+    ) -> tuple[dict[str, str], set[str]]:
+        """The process environment, and the names the pod itself set (``envFrom`` and ``env``),
+        on top of ``base`` (default: the host variables passed through and ``extra_env``)."""
         namespace = pod["metadata"]["namespace"]
-        env = {k: os.environ[k] for k in self.passthrough_env if k in os.environ}
-        env.update(self.extra_env)
+        if base is None:
+            env = {k: os.environ[k] for k in self.passthrough_env if k in os.environ}
+            env.update(self.extra_env)
+        else:
+            env = dict(base)
         declared: set[str] = set()
 
         def put(name: str, value: str) -> None:
@@ -1355,6 +1514,7 @@ class LocalKubelet:
                     target.mkdir(parents=True, exist_ok=True)
             else:  # emptyDir and anything this kubelet does not model: a fresh directory
                 target.mkdir(parents=True, exist_ok=True)
+                target.chmod(0o777)  # as a kubelet makes an emptyDir: any uid may write
             volumes[name] = target
         return volumes
 

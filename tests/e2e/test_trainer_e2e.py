@@ -1,7 +1,9 @@
 """End to end: the operator runs the real trainer (tiny MusicGen) from the pod it created.
 
-The test kubelet runs the pod's command as a local process with the pod's environment, its
-mounted ConfigMap and its own service-account token; checkpoints and the dataset live on a real
+The test kubelet runs the pod's container from the trainer image ``make images`` built (its root
+file system, read-only, the pod's volumes bind-mounted at their paths, uid 1000, the pod's
+environment and its own bound service-account token; the pretrained test, whose node-level
+Hugging Face cache is host state, runs the trainer from this venv); checkpoints and the dataset live on a real
 S3-compatible server on loopback (versitygw). The run is interrupted mid-training (eviction:
 SIGTERM → the trainer writes a checkpoint), the operator recreates the pod from
 ``status.lastCheckpoint``, and the run completes with a final decision.
@@ -17,6 +19,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
+from fermata_dev.images import TRAINER, Image, by_target
 from fermata_dev.kubelet import LocalKubelet
 from fermata_dev.synthetic import make_mtat_tree
 from tests.e2e.conftest import OperatorProcess, Runs, spec, wait_for
@@ -41,18 +44,30 @@ def real_trainer_setup(
     name: str,
     clips: int,
     seconds: tuple[float, ...],
+    images: dict[str, Image] | None = None,
 ) -> tuple[str, str]:
     """A synthetic MagnaTagATune tree on the S3 server, its credentials as a Secret, and the
-    test kubelet running pods' commands for real. Returns (bucket, dataset URI)."""
+    test kubelet running pods' commands for real: from the built trainer image when ``images``
+    is given (the run's ``resources.image`` must then name it), else from this venv.
+    Returns (bucket, dataset URI)."""
     bucket = s3.make_bucket(name)
     data = _upload_tree(
         s3, bucket, make_mtat_tree(tmp_path / "mtat", clips=clips, seconds=seconds).root, "mtat"
     )
     secret = {k: v for k, v in s3.env().items() if k.startswith("AWS_") and k != "AWS_DEFAULT_REGION"}
     runs.core.create_namespaced_secret(runs.ns, {"metadata": {"name": "s3-creds"}, "stringData": secret})
-    kubelet.executables["fermata-train"] = str(Path(sys.executable).parent / "fermata-train")
+    if images is not None:
+        kubelet.images.update(images)
+        kubelet.forward_ports.add(s3.port)  # the pod's own network reaches the node's S3 server
+    else:
+        kubelet.executables["fermata-train"] = str(Path(sys.executable).parent / "fermata-train")
     kubelet.set_mode("exec")
     return bucket, data
+
+
+def trainer_image(images: dict[str, Image]) -> dict[str, Any]:
+    """``resources`` naming the built trainer image."""
+    return {**spec()["resources"], "image": by_target(images, TRAINER).ref}
 
 
 def test_real_trainer_through_an_interruption_to_a_final_decision(
@@ -61,13 +76,15 @@ def test_real_trainer_through_an_interruption_to_a_final_decision(
     kubelet: LocalKubelet,
     s3_server: Any,  # noqa: F811
     tmp_path: Path,
+    built_images: dict[str, Image],
 ) -> None:
-    bucket, data = real_trainer_setup(runs, kubelet, s3_server, tmp_path, "e2e", 12, (2.5, 3.0))
+    bucket, data = real_trainer_setup(runs, kubelet, s3_server, tmp_path, "e2e", 12, (2.5, 3.0), built_images)
     operator: OperatorProcess = operator_factory(runs.ns, FERMATA_TRAINER_HEARTBEAT_SECONDS="1")
     runs.create(
         "e2e",
         spec(
             model={"base": "tiny://seed=0"},
+            resources=trainer_image(built_images),
             dataset={"uri": data, "minTags": 3, "segmentSeconds": 2.0, "validationFraction": 0.25},
             training={
                 "epochs": 40,
@@ -154,8 +171,9 @@ def test_no_go_gate_stops_the_real_trainer_and_writes_the_abort_report(
     kubelet: LocalKubelet,
     s3_server: Any,  # noqa: F811
     tmp_path: Path,
+    built_images: dict[str, Image],
 ) -> None:
-    bucket, data = real_trainer_setup(runs, kubelet, s3_server, tmp_path, "nogo", 8, (2.5,))
+    bucket, data = real_trainer_setup(runs, kubelet, s3_server, tmp_path, "nogo", 8, (2.5,), built_images)
     # A real trainer answers the stop request: give it the production-like patience.
     operator_factory(
         runs.ns, FERMATA_TRAINER_HEARTBEAT_SECONDS="1", FERMATA_CHECKPOINT_REQUEST_TIMEOUT_SECONDS="60"
@@ -164,6 +182,7 @@ def test_no_go_gate_stops_the_real_trainer_and_writes_the_abort_report(
         "nogo",
         spec(
             model={"base": "tiny://seed=1"},
+            resources=trainer_image(built_images),
             dataset={"uri": data, "minTags": 3, "segmentSeconds": 2.0, "validationFraction": 0.25},
             training={
                 "epochs": 200,
