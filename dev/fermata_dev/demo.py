@@ -1,6 +1,7 @@
 """``make demo``: local mode end to end with the real trainer.
 
-1. ``fermata local up`` with the test kubelet in ``exec`` mode (pods run as local processes);
+1. ``fermata local up`` with the test kubelet in ``exec`` mode: pods run from the trainer image
+   when ``make images`` has built it (and says so), else as local processes from ``.venv``;
 2. a synthetic MagnaTagATune-like dataset on local disk;
 3. a TrainingRun using the tiny in-code MusicGen (``tiny://``): a preparation pod tokenizes the
    dataset on the CPU node, then the training pod trains for real on the CPU,
@@ -36,7 +37,27 @@ def _kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> subproce
     )
 
 
-def demo_run(data: Path, storage: Path) -> dict[str, object]:
+def built_trainer_image() -> str | None:
+    """The trainer image `make images` built, if it is up to date (the demo then runs it)."""
+    from fermata_dev.cluster import repo_root
+    from fermata_dev.images import TRAINER, ImageError, by_target, load_index
+
+    root = repo_root()
+    status = subprocess.run(
+        ["bash", str(root / "tools" / "images" / "build.sh"), "--status"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if status.returncode != 0 or os.geteuid() != 0:
+        return None
+    try:
+        return by_target(load_index(), TRAINER).ref
+    except ImageError:
+        return None
+
+
+def demo_run(data: Path, storage: Path, image: str = "fermata-trainer:local") -> dict[str, object]:
     return {
         "apiVersion": "fermata.dev/v1alpha1",
         "kind": "TrainingRun",
@@ -54,7 +75,7 @@ def demo_run(data: Path, storage: Path) -> dict[str, object]:
             },
             "evaluation": {"clipSeconds": 2.0},
             "resources": {
-                "image": "fermata-trainer:local",
+                "image": image,
                 "gpus": 1,
                 "cpu": "1",
                 "memory": "4Gi",
@@ -87,6 +108,16 @@ def main(timeout: float = 900.0) -> int:
     data, storage = root / "magnatagatune", root / "storage"
     make_mtat_tree(data, clips=16, seconds=(2.5, 3.0, 2.2, 3.5))
     storage.mkdir(parents=True)
+    storage.chmod(0o777)  # the trainer image runs as uid 1000
+    image = built_trainer_image()
+    if image is not None:
+        print(f"pods run from the images `make images` built: {image} (its root file system,", flush=True)
+        print(f"uid 1000, read-only root; {root} is the node's local disk)", flush=True)
+        os.environ["FERMATA_LOCAL_IMAGES"] = "1"
+        os.environ["FERMATA_LOCAL_NODE_MOUNTS"] = str(root)
+    else:
+        print("the images are not built (or not up to date): pods run the trainer from .venv", flush=True)
+        print("(`make images` builds them; the demo then runs the trainer image)", flush=True)
     os.environ["FERMATA_LOCAL_KUBELET_MODE"] = "exec"
     os.environ.setdefault("FERMATA_TRAINER_HEARTBEAT_SECONDS", "2")
     if local_mode.up() != 0:
@@ -95,7 +126,8 @@ def main(timeout: float = 900.0) -> int:
     try:
         _kubectl(kubeconfig, "create", "namespace", "ml")
         _kubectl(kubeconfig, "label", "namespace", "ml", "pod-security.kubernetes.io/enforce=restricted")
-        applied = _kubectl(kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump(demo_run(data, storage)))
+        run = demo_run(data, storage, image or "fermata-trainer:local")
+        applied = _kubectl(kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump(run))
         print(applied.stdout.strip() or applied.stderr.strip(), flush=True)
         if applied.returncode != 0:
             return 1

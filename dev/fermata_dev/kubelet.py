@@ -398,6 +398,9 @@ class LocalKubelet:
         #: Node loopback ports an image-mode pod reaches from its own network namespace (the
         #: API server's port always): an S3 server on loopback, for instance.
         self.forward_ports: set[int] = set()
+        #: Node directories every image-mode container sees at the same path (local mode's
+        #: stand-in for a node-local disk: the demo's dataset and checkpoint directories).
+        self.node_mounts: list[Path] = []
         self.extra_env = dict(extra_env or {})
         self.passthrough_env = tuple(passthrough_env)
         self.heartbeat_interval = heartbeat_interval
@@ -1277,7 +1280,7 @@ class LocalKubelet:
             working_dir=str(container.get("workingDir") or image.working_dir or "/"),
             read_only_root=bool(_security(pod, container).get("readOnlyRootFilesystem")),
             groups=[int(g) for g in _fs_groups(pod)],
-            mounts=image_mounts(container, volumes),
+            mounts=[*(Mount(str(d), str(d)) for d in self.node_mounts), *image_mounts(container, volumes)],
             forward_ports=None if spec_of(pod).get("hostNetwork") else self._forwarded(),
         )
         spec_path = root / "container.json"

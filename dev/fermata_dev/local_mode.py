@@ -160,6 +160,13 @@ def serve() -> int:
             workdir=d / "kubelet",
             executables={"fermata-train": str(venv_bin / "fermata-train")},
         )
+        if os.environ.get("FERMATA_LOCAL_IMAGES") == "1":
+            from fermata_dev.images import load_index
+
+            kubelet.images.update(load_index())
+            kubelet.node_mounts = [
+                Path(p) for p in os.environ.get("FERMATA_LOCAL_NODE_MOUNTS", "").split(":") if p
+            ]
         kubelet.start()
         env = {
             **os.environ,

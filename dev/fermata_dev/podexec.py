@@ -84,8 +84,25 @@ def _mount(*args: str) -> None:
     subprocess.run(["mount", *args], check=True, stdin=subprocess.DEVNULL)
 
 
-def _inside(root: Path, path: str) -> Path:
-    return root / path.lstrip("/")
+def _inside(root: Path, path: str, _depth: int = 0) -> Path:
+    """``path`` of the container under ``root`` on the node, its symlinks followed *inside* the
+    root (an image's ``/var/run`` is a link to ``/run``: it must not lead to the node's)."""
+    current = root
+    parts = [p for p in path.split("/") if p and p != "."]
+    for index, part in enumerate(parts):
+        if part == "..":
+            current = current.parent if current != root else root
+            continue
+        candidate = current / part
+        if candidate.is_symlink():
+            if _depth > 40:
+                raise OSError(f"too many levels of symbolic links in {path}")
+            target = os.readlink(candidate)
+            base = "/" if target.startswith("/") else "/" + str(current.relative_to(root))
+            rest = "/".join(parts[index + 1 :])
+            return _inside(root, f"{base}/{target}/{rest}", _depth + 1)
+        current = candidate
+    return current
 
 
 def _make_point(target: Path, like: Path) -> None:

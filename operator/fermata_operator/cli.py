@@ -12,6 +12,7 @@ parser and sets ``func`` (``args -> exit code``). In a checkout, the development
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 from importlib.metadata import entry_points
 from typing import Any
@@ -30,11 +31,19 @@ def _operator(args: argparse.Namespace) -> int:
     kopf.run(
         standalone=args.peering is None,
         peering_name=args.peering,
+        priority=args.priority if args.priority is not None else peering_priority(),
         namespaces=args.namespace or (),
         clusterwide=not args.namespace,
         liveness_endpoint=args.liveness,
     )
     return 0
+
+
+def peering_priority() -> int:
+    """A replica's kopf peering priority when none is given: random, so that of several peered
+    replicas exactly one acts. (kopf pauses *every* operator that sees a live peer of its own
+    priority: replicas that all kept the default 0 would all stand by and none would act.)"""
+    return 1 + secrets.randbelow(2**31 - 1)
 
 
 def _crds(_: argparse.Namespace) -> int:
@@ -61,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     op.add_argument("-n", "--namespace", action="append", help="watch only this namespace (repeatable)")
     op.add_argument("--peering", default=None, help="kopf peering name for HA (default: standalone)")
     op.add_argument("--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8081/healthz")
+    op.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="kopf peering priority: of the live peers the highest acts, the others stand by "
+        "(default: random, distinct per replica)",
+    )
     op.set_defaults(func=_operator)
     crds = sub.add_parser("crds", help="print the TrainingRun CRD")
     crds.set_defaults(func=_crds)
