@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PACKAGES := api/fermata_api operator/fermata_operator trainer/fermata_trainer
 
-.PHONY: all venv demo test test-fast lint typecheck crds crds-check cluster-bin s3-bin helm-bin promtool images local-up local-down clean
+.PHONY: all venv demo test test-fast lint typecheck crds crds-check cluster-bin s3-bin helm-bin promtool images images-clean local-up local-down clean
 
 all: test
 
@@ -44,6 +44,10 @@ helm-bin:
 # chart and the examples name them. Rebuilt only when their inputs change. Cold: see BENCHMARKS.md.
 images:
 	bash tools/images/build.sh
+
+# Removes them (and their working containers: about 14 GB with vfs) from buildah's storage.
+images-clean:
+	bash tools/images/build.sh --clean
 
 # promtool, from Debian's prometheus package, for the alert-rule tests.
 promtool:

@@ -98,6 +98,7 @@ def kubelet(_session_kubelet: LocalKubelet) -> LocalKubelet:
     _session_kubelet.set_mode("auto")
     _session_kubelet.images.clear()
     _session_kubelet.forward_ports.clear()
+    _session_kubelet.node_mounts.clear()
     for name in set(_session_kubelet.node_names) - {n.name for n in DEFAULT_NODES}:
         _session_kubelet.delete_node(name)
     for spec in DEFAULT_NODES:

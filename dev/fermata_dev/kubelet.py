@@ -329,6 +329,7 @@ def image_argv(container: JSON, image: Image, env: Mapping[str, str]) -> list[st
 
 
 def image_mounts(container: JSON, volumes: Mapping[str, Path]) -> list[Mount]:
+    """The container's ``volumeMounts`` as (node source, container path, read-only)."""
     mounts = []
     for mount in container.get("volumeMounts") or []:
         volume = volumes.get(mount["name"])
@@ -1307,11 +1308,13 @@ class LocalKubelet:
         return sorted({server.port or 443, *self.forward_ports})
 
     def _image_env(self, image: Image, pod_name: str) -> dict[str, str]:
-        """The image's ``ENV`` and what a kubelet adds: the pod's hostname and the API server's
-        address for in-cluster clients (the token and CA come from the pod's own volume)."""
+        """The image's ``ENV``, the node's ``extra_env``, and what a kubelet adds: the pod's
+        hostname and the API server's address for in-cluster clients (the token and CA come from
+        the pod's own volume)."""
         server = urlsplit(str(self._cluster_entry.get("server", "")))
         return {
             **image.env,
+            **self.extra_env,
             "HOSTNAME": pod_name,
             "KUBERNETES_SERVICE_HOST": server.hostname or "127.0.0.1",
             "KUBERNETES_SERVICE_PORT": str(server.port or 443),
@@ -1542,22 +1545,14 @@ class LocalKubelet:
 
     @staticmethod
     def _mount(container: JSON, volumes: Mapping[str, Path], rootfs: Path) -> None:
-        for mount in container.get("volumeMounts") or []:
-            volume = volumes.get(mount["name"])
-            if volume is None:
-                continue
-            source = volume
-            if mount.get("subPath"):
-                source = volume / mount["subPath"]
-                if not source.exists():
-                    source.mkdir(parents=True)
-            target = rootfs / str(mount["mountPath"]).lstrip("/")
+        for mount in image_mounts(container, volumes):
+            target = rootfs / mount.target.lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
             if target.is_symlink() or target.is_file():
                 target.unlink()
             elif target.is_dir():
                 shutil.rmtree(target)
-            target.symlink_to(source)
+            target.symlink_to(mount.source)
 
     def _token(self, pod: JSON, audiences: list[str], expiration: int) -> str:
         meta, spec = pod["metadata"], pod.get("spec") or {}

@@ -135,7 +135,8 @@ def prepare_root(spec: ContainerSpec) -> Path:
         _inside(root, point).mkdir(parents=True, exist_ok=True)
     for node_file in node_files:
         _make_point(_inside(root, str(node_file)), node_file)
-    for mount in spec.mounts:
+    mounts = sorted(spec.mounts, key=lambda m: len(Path(m.target).parts))  # parents first
+    for mount in mounts:
         _make_point(_inside(root, mount.target), Path(mount.source))
     _make_point(_inside(root, spec.working_dir), Path("/"))
     if spec.read_only_root:
@@ -157,10 +158,9 @@ def prepare_root(spec: ContainerSpec) -> Path:
     (dev / "pts").mkdir()
     for node_file in node_files:
         _bind(str(node_file), _inside(root, str(node_file)), read_only=True)
-    for mount in spec.mounts:
+    for mount in mounts:
         target = _inside(root, mount.target)
-        if mount.target.startswith("/dev/"):
-            _make_point(target, Path(mount.source))  # on the /dev tmpfs, mounted since
+        _make_point(target, Path(mount.source))  # again: under /dev or a volume mounted since
         _bind(mount.source, target, read_only=mount.read_only)
     return root
 

@@ -6,7 +6,8 @@ cluster), a CPU node for the operator and a spot GPU node for trainer pods, play
 kubelet: a pod naming a built image runs from it (its root file system read-only, uid 1000,
 in-cluster credentials from its projected ServiceAccount token, a network namespace of its own).
 Two replicas with kopf peering: both start, exactly one acts (the other stands by), and the run
-reaches its pod and Running.
+reaches its pod and Running; when the acting replica is deleted, exactly one replica takes the
+next run.
 """
 
 from __future__ import annotations
@@ -146,3 +147,22 @@ def test_helm_installed_operator_runs_from_its_image_two_replicas_one_acts(
 
     runs.delete("charted")
     wait_for(lambda: not runs.exists("charted"), timeout=60, what="the acting replica finalized the run")
+
+    # Failover: the acting replica goes away (a node drain, a rollout). The standby resumes, or
+    # the ReplicaSet's replacement outranks it; either way exactly one replica takes the next run.
+    core.delete_namespaced_pod(leader, release_ns)
+    pods = wait_for(
+        lambda: (found := operator_pods()) and leader not in {p.metadata.name for p in found} and found,
+        timeout=180,
+        what="the leader gone, two replicas running again",
+    )
+    runs.create("after", spec(resources={"gpus": 1}))
+    wait_for(
+        lambda: runs.status("after").get("phase") == "Running", timeout=180, what="Running after failover"
+    )
+    creators = [
+        p.metadata.name for p in pods if "created pod after-0" in kubelet.logs(release_ns, p.metadata.name)
+    ]
+    assert len(creators) == 1, creators
+    runs.delete("after")
+    wait_for(lambda: not runs.exists("after"), timeout=60, what="the new acting replica finalized the run")

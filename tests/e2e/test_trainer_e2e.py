@@ -2,8 +2,9 @@
 
 The test kubelet runs the pod's container from the trainer image ``make images`` built (its root
 file system, read-only, the pod's volumes bind-mounted at their paths, uid 1000, the pod's
-environment and its own bound service-account token; the pretrained test, whose node-level
-Hugging Face cache is host state, runs the trainer from this venv); checkpoints and the dataset live on a real
+environment and its own bound service-account token; for the pretrained test the node's
+Hugging Face cache is a node directory the kubelet shows its containers, named by a node-level
+``HF_HUB_CACHE``); checkpoints and the dataset live on a real
 S3-compatible server on loopback (versitygw). The run is interrupted mid-training (eviction:
 SIGTERM → the trainer writes a checkpoint), the operator recreates the pod from
 ``status.lastCheckpoint``, and the run completes with a final decision.
@@ -12,6 +13,7 @@ SIGTERM → the trainer writes a checkpoint), the operator recreates the pod fro
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -227,6 +229,7 @@ def test_pretrained_musicgen_small_to_deployable_exports(
     s3_server: Any,  # noqa: F811
     tmp_path: Path,
     miniature: Any,
+    built_images: dict[str, Image],
 ) -> None:
     """``model.base: facebook/musicgen-small`` through the production loading path: the node's
     Hugging Face cache holds the (miniature) model and T5 encoder, the Hub is off. The first pod
@@ -235,9 +238,16 @@ def test_pretrained_musicgen_small_to_deployable_exports(
     ``MusicGen.get_pretrained`` loads and ``generate`` turns into audio."""
     import shutil
 
-    bucket, data = real_trainer_setup(runs, kubelet, s3_server, tmp_path, "pretrained", 10, (2.5, 3.0))
+    bucket, data = real_trainer_setup(
+        runs, kubelet, s3_server, tmp_path, "pretrained", 10, (2.5, 3.0), built_images
+    )
     node_cache = tmp_path / "node-hf" / "hub"
     shutil.copytree(miniature.hub_cache, node_cache, symlinks=True)
+    empty_cache = tmp_path / "empty-node-hf" / "hub"
+    empty_cache.mkdir(parents=True)
+    for path in (node_cache.parent, empty_cache.parent):  # the nodes' disks, writable by the pods
+        subprocess.run(["chmod", "-R", "a+rwX", str(path)], check=True)
+        kubelet.node_mounts.append(path)
     # the first pod's node has the model cached; HF_HUB_CACHE wins over the pod's HF_HOME
     kubelet.extra_env.update({"HF_HUB_CACHE": str(node_cache), "HF_HUB_OFFLINE": "1"})
     try:
@@ -246,6 +256,7 @@ def test_pretrained_musicgen_small_to_deployable_exports(
             "pre",
             spec(
                 model={"base": "facebook/musicgen-small"},
+                resources=trainer_image(built_images),
                 dataset={"uri": data, "minTags": 3, "segmentSeconds": 2.0, "validationFraction": 0.25},
                 training={
                     "epochs": 40,
@@ -269,7 +280,7 @@ def test_pretrained_musicgen_small_to_deployable_exports(
             what="a checkpoint at step >= 4",
         )
         # the next pod lands on a node with an empty cache (and still no Hub)
-        kubelet.extra_env["HF_HUB_CACHE"] = str(tmp_path / "empty-node-hf" / "hub")
+        kubelet.extra_env["HF_HUB_CACHE"] = str(empty_cache)
         kubelet.evict(runs.ns, "pre-0")
         st = wait_for(
             lambda: (s := runs.status("pre")).get("phase") in {"Succeeded", "Failed"} and s,

@@ -14,6 +14,7 @@
 #   bash tools/images/build.sh                 # both
 #   bash tools/images/build.sh operator        # one
 #   bash tools/images/build.sh --status        # exit 0 when both are up to date
+#   bash tools/images/build.sh --clean         # remove the images, their working containers, the base
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -98,10 +99,20 @@ rootfs_entry() {  # keep a working container of the image; print its index entry
       user: (.OCIv1.config.User // ""), labels: (.OCIv1.config.Labels // {})}}'
 }
 
+clean() {
+  bah containers --format '{{.ContainerName}}' | { grep '^fermata-rootfs-' || true; } \
+    | while read -r c; do bah rm "$c" >/dev/null; done
+  for t in operator trainer; do bah rmi "$(ref_of "$t")" >/dev/null 2>&1 || true; done
+  bah rmi "$BASE_REF" >/dev/null 2>&1 || true
+  rm -f "$index"
+  echo "images: removed"
+}
+
 targets=()
 status_only=false
 for arg in "$@"; do
   case "$arg" in
+    --clean) clean; exit 0 ;;
     --status) status_only=true ;;
     operator|trainer) targets+=("$arg") ;;
     *) echo "usage: build.sh [--status] [operator] [trainer]" >&2; exit 2 ;;
