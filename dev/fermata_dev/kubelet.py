@@ -1266,18 +1266,30 @@ class LocalKubelet:
         private mount namespace (:mod:`fermata_dev.podexec`). Nothing is remapped."""
         meta = pod["metadata"]
         namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
-        if os.geteuid() != 0:
-            raise RuntimeError("image mode needs root (mount namespace, overlay, chroot)")
         root.mkdir(parents=True, exist_ok=True)
+        # May raise _NotReady (missing ConfigMap/Secret): the pod stays Pending and is retried.
         env, _ = self._container_env(pod, container, base=self._image_env(image, name))
         volumes = self._materialize_volumes(pod, root / "volumes")
+        log_path = root / "container.log"
+        rt = _PodRuntime(uid, namespace, name, root, log_path, _now())
+        with self._lock:
+            self._runtimes[uid] = rt
+            self._logs[(namespace, name)] = log_path
+        if os.geteuid() != 0:  # a start error, as a runtime that cannot run the image reports
+            rt.exit_code = 128
+            rt.done.set()
+            message = "image mode needs root (mount namespace, overlay, chroot)"
+            log_path.write_text(message + "\n")
+            self._patch_status(pod, self._terminated_status(pod, 128, "StartError", message))
+            return
+        uid_gid = run_as(pod, container, image)
         cspec = ContainerSpec(
             rootfs=str(image.rootfs),
             scratch=str(root / "container"),
             argv=image_argv(container, image, env),
             env=env,
-            uid=run_as(pod, container, image)[0],
-            gid=run_as(pod, container, image)[1],
+            uid=uid_gid[0],
+            gid=uid_gid[1],
             working_dir=str(container.get("workingDir") or image.working_dir or "/"),
             read_only_root=bool(_security(pod, container).get("readOnlyRootFilesystem")),
             groups=[int(g) for g in _fs_groups(pod)],
@@ -1287,11 +1299,6 @@ class LocalKubelet:
         spec_path = root / "container.json"
         spec_path.write_text(cspec.to_json())
         spec_path.chmod(0o600)
-        log_path = root / "container.log"
-        rt = _PodRuntime(uid, namespace, name, root, log_path, _now())
-        with self._lock:
-            self._runtimes[uid] = rt
-            self._logs[(namespace, name)] = log_path
         launcher = [
             "unshare", "--mount", "--propagation", "private",
             sys.executable, "-m", "fermata_dev.podexec", str(spec_path),
