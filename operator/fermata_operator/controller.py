@@ -23,7 +23,7 @@ from kubernetes.client.exceptions import ApiException
 from fermata_api import TERMINAL_PHASES, contract
 from fermata_api.meta import ANNOTATION_STOP_REASON, LABEL_RUN, OPERATOR_FIELD_MANAGER, POD_FINALIZER
 from fermata_api.spec import DEFAULT_PREPARATION_INSTANCE_TYPES
-from fermata_operator import metrics, planner, team_budgets
+from fermata_operator import metrics, planner, podspec, team_budgets
 from fermata_operator.notifier import Notifier
 from fermata_operator.price_source import PriceSource
 from fermata_operator.settings import OperatorSettings
@@ -88,9 +88,12 @@ class RunController:
     _lock: Lock = field(default_factory=Lock)
     #: Posts the run's decisions, budget, idle and failure Events to a webhook (when configured).
     notifier: Notifier | None = None
+    #: Namespaces whose trainer identity (ServiceAccount, Role, RoleBinding) is known to be
+    #: Fermata's: created or verified once per operator process, not once per run.
+    _identities: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        #: Creates a new pod's ConfigMap, ServiceAccount and RBAC side by side (then the pod).
+        #: Creates a new pod's ServiceAccount and RBAC side by side (then the pod).
         self._creators = ThreadPoolExecutor(
             max_workers=max(4, self.settings.workers), thread_name_prefix="fermata-create"
         )
@@ -320,22 +323,34 @@ class RunController:
 
     def create_all(self, objs: list[dict[str, Any]], owner_uid: str | None) -> None:
         """The pod's supporting objects, then the pod, which needs them: a pod exists only once
-        everything it uses does. The ConfigMap, ServiceAccount and Role go side by side; the
-        RoleBinding only once both the ServiceAccount and the Role are known to be this run's, so
-        a name held by someone else never gets a grant (nothing is bound to a stranger's Role or
-        for a stranger's ServiceAccount)."""
-        stage = {"ConfigMap": 0, "ServiceAccount": 0, "Role": 0, "RoleBinding": 1, "Pod": 2}
-        for level in (0, 1, 2):
-            batch = [o for o in objs if stage[o["kind"]] == level]
-            futures = [self._creators.submit(self.ensure, o, owner_uid) for o in batch]
-            errors = []
-            for future in futures:
-                try:
-                    future.result()
-                except CreateRefused as exc:
-                    errors.append(exc)
-            if errors:
-                raise errors[0]
+        everything it uses does. ServiceAccounts and Roles go side by side; a RoleBinding only
+        once both its ServiceAccount and the Role are known to be Fermata's, so a name held by
+        someone else never gets a grant. The namespace's trainer identity is checked once per
+        namespace (then skipped); a refused create makes the next pod check it again."""
+        ns = next((o["metadata"]["namespace"] for o in objs), None)
+        with self._lock:
+            known = ns in self._identities
+        todo = [o for o in objs if not (known and podspec.is_identity(o))]
+        stage = {"ServiceAccount": 0, "Role": 0, "RoleBinding": 1, "Pod": 2}
+        try:
+            for level in (0, 1, 2):
+                batch = [o for o in todo if stage[o["kind"]] == level]
+                futures = [self._creators.submit(self.ensure, o, owner_uid) for o in batch]
+                errors = []
+                for future in futures:
+                    try:
+                        future.result()
+                    except CreateRefused as exc:
+                        errors.append(exc)
+                if errors:
+                    raise errors[0]
+                if level == 1 and ns is not None and any(podspec.is_identity(o) for o in todo):
+                    with self._lock:
+                        self._identities.add(ns)
+        except CreateRefused:
+            with self._lock:
+                self._identities.discard(ns or "")
+            raise
 
     def _create(self, obj: dict[str, Any]) -> None:
         kind, ns = obj["kind"], obj["metadata"]["namespace"]
@@ -343,7 +358,6 @@ class RunController:
         opts: dict[str, Any] = {"field_manager": OPERATOR_FIELD_MANAGER, "_preload_content": False}
         create = {
             "Pod": self.core.create_namespaced_pod,
-            "ConfigMap": self.core.create_namespaced_config_map,
             "ServiceAccount": self.core.create_namespaced_service_account,
             "Role": self.rbac.create_namespaced_role,
             "RoleBinding": self.rbac.create_namespaced_role_binding,
@@ -352,21 +366,30 @@ class RunController:
         if kind == "Pod":
             log.info("pod created", namespace=ns, pod=obj["metadata"]["name"])
 
-    def _existing_owner(self, obj: dict[str, Any]) -> str | None:
+    def _existing(self, obj: dict[str, Any]) -> dict[str, Any]:
         kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
         read = {
             "Pod": self.core.read_namespaced_pod,
-            "ConfigMap": self.core.read_namespaced_config_map,
             "ServiceAccount": self.core.read_namespaced_service_account,
             "Role": self.rbac.read_namespaced_role,
             "RoleBinding": self.rbac.read_namespaced_role_binding,
         }[kind]
-        existing = self.api.sanitize_for_serialization(read(name, ns))
-        return controller_uid(existing.get("metadata") or {})
+        existing: dict[str, Any] = self.api.sanitize_for_serialization(read(name, ns))
+        return existing
+
+    def _is_ours(self, obj: dict[str, Any], existing: dict[str, Any], owner_uid: str | None) -> bool:
+        """A run's object: controlled by that run. The namespace's trainer identity: labelled as
+        Fermata's identity and owned by no run (a stranger's ``fermata-trainer`` is never used)."""
+        if podspec.is_identity(obj):
+            return podspec.is_identity(existing) and all(
+                ((existing.get("metadata") or {}).get("labels") or {}).get(k) == v
+                for k, v in podspec.identity_labels().items()
+            )
+        return owner_uid is not None and controller_uid(existing.get("metadata") or {}) == owner_uid
 
     def ensure(self, obj: dict[str, Any], owner_uid: str | None) -> None:
-        """Create ``obj``; an object of that name is accepted only if this run controls it —
-        anything else holding the name is never adopted (``NameConflict``)."""
+        """Create ``obj``; an object of that name is accepted only if it is Fermata's own (see
+        :meth:`_is_ours`) — anything else holding the name is never adopted (``NameConflict``)."""
         kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
         try:
             self._create(obj)
@@ -380,16 +403,13 @@ class RunController:
                 raise CreateRefused("CreateFailed", f"creating {kind} {name}: {api_message(exc)}") from exc
             else:
                 raise
-        if owner_uid is None or self._existing_owner(obj) != owner_uid:
+        if not self._is_ours(obj, self._existing(obj), owner_uid):
+            whose = "Fermata's trainer identity" if podspec.is_identity(obj) else "owned by this TrainingRun"
             raise CreateRefused(
                 "NameConflict",
-                f"{kind} {ns}/{name} already exists and is not owned by this TrainingRun: "
+                f"{kind} {ns}/{name} already exists and is not {whose}: "
                 f"Fermata never adopts it; delete or rename it (or rename the run)",
             )
-        if kind == "ConfigMap":
-            # Ours, from an earlier pod: the spec may have changed, the next pod reads the new one.
-            opts: dict[str, Any] = {"field_manager": OPERATOR_FIELD_MANAGER, "_preload_content": False}
-            _discard(self.core.patch_namespaced_config_map(name, ns, {"data": obj["data"]}, **opts))
 
     def stop_pod(self, ns: str, pod_name: str, reason: str, uid: str | None) -> None:
         """Mark the pod as stopped on purpose, then delete it (SIGTERM → trainer checkpoints).
@@ -498,7 +518,7 @@ class RunController:
     # ------------------------------------------------------------------ cleanup (ttlSecondsAfterFinished)
 
     def clean_up(self, run: dict[str, Any], plan: planner.Plan) -> None:
-        """Delete a finished run's pods, ConfigMap and RBAC: each only if it is the run's own (a
+        """Delete a finished run's pods and own RBAC: each only if it is the run's own (a
         pod by the UID the planner saw, the rest by a controller owner reference to the run)."""
         ns, uid = run["metadata"]["namespace"], run["metadata"].get("uid")
         for kind, name in plan.cleanup:
@@ -512,7 +532,6 @@ class RunController:
         """Delete ``kind ns/name`` if the run with ``owner_uid`` controls it (UID precondition: a
         replacement created meanwhile is not touched). Forbidden: logged, never retried hot."""
         read, delete = {
-            "ConfigMap": (self.core.read_namespaced_config_map, self.core.delete_namespaced_config_map),
             "ServiceAccount": (
                 self.core.read_namespaced_service_account,
                 self.core.delete_namespaced_service_account,

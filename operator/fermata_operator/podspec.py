@@ -1,4 +1,11 @@
-"""The objects a TrainingRun owns: trainer config ConfigMap, RBAC for the trainer, the pod.
+"""The objects a TrainingRun needs: the namespace's trainer identity, the run's pod.
+
+A run's trainer pod carries its configuration in an annotation (shown to the container as a file
+through a downward-API volume) and runs as the namespace's ``fermata-trainer`` ServiceAccount,
+whose Role may patch ``trainingruns/status`` of the namespace; the chart's status-guard policy
+narrows that to the run whose recorded pod the token is bound to. Per run the operator creates
+only the pod, plus a RoleBinding (and a ServiceAccount) when ``spec.serviceAccount`` asks for
+an identity of its own.
 
 Everything here is a pure function of the run and the operator settings, so a retry or an
 operator restart renders byte-identical objects (and pod names are deterministic per
@@ -38,19 +45,27 @@ def pod_name(run_name: str, incarnation: int) -> str:
     return f"{run_name}-{incarnation}"
 
 
-def config_map_name(run_name: str) -> str:
-    return f"{run_name}-trainer"
+#: The namespace's trainer ServiceAccount, its Role and their RoleBinding (one each per namespace).
+TRAINER_IDENTITY = "fermata-trainer"
+#: ``app.kubernetes.io/component`` of the namespace's trainer identity (no run, no owner).
+IDENTITY_COMPONENT = "trainer-identity"
+#: The pod annotation holding the trainer's configuration (JSON); mounted at ``CONFIG_DIR``.
+ANNOTATION_CONFIG = f"{contract.API_GROUP}/trainer-config"
 
 
 def service_account_name(run_name: str) -> str:
+    """A run's own ServiceAccount (``spec.serviceAccount.annotations``), and its RoleBinding."""
     return f"{run_name}-trainer"
 
 
 def trainer_service_account(run_name: str, identity: ServiceAccountSpec | None) -> str:
-    """The ServiceAccount the trainer runs as: the one named in spec.serviceAccount, else its own."""
+    """The ServiceAccount the trainer runs as: the one named in spec.serviceAccount, the run's own
+    when spec.serviceAccount has annotations for it, else the namespace's ``fermata-trainer``."""
     if identity is not None and identity.name:
         return identity.name
-    return service_account_name(run_name)
+    if identity is not None and identity.annotations:
+        return service_account_name(run_name)
+    return TRAINER_IDENTITY
 
 
 def labels(run_name: str, component: str = "trainer") -> dict[str, str]:
@@ -100,64 +115,95 @@ def trainer_config(
     )
 
 
-def config_map(run: dict[str, Any], spec: TrainingRunSpec, settings: OperatorSettings) -> dict[str, Any]:
-    cfg = trainer_config(run, spec, settings)
+def config_json(run: dict[str, Any], spec: TrainingRunSpec, settings: OperatorSettings) -> str:
+    """The trainer's configuration as the pod carries it (annotation ``ANNOTATION_CONFIG``): each
+    pod holds the configuration it was created from, so a restart reads exactly that."""
+    return json.dumps(trainer_config(run, spec, settings).wire(), sort_keys=True, separators=(",", ":"))
+
+
+def identity_labels() -> dict[str, str]:
+    return {LABEL_NAME: "fermata", LABEL_COMPONENT: IDENTITY_COMPONENT, LABEL_MANAGED_BY: MANAGED_BY}
+
+
+def _binding(namespace: str, name: str, subject: str, meta: dict[str, Any]) -> dict[str, Any]:
     return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _meta(run, config_map_name(run["metadata"]["name"])),
-        "data": {CONFIG_KEY: json.dumps(cfg.wire(), indent=2, sort_keys=True)},
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": meta,
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": TRAINER_IDENTITY},
+        "subjects": [{"kind": "ServiceAccount", "name": subject, "namespace": namespace}],
     }
 
 
-def trainer_rbac(run: dict[str, Any], identity: ServiceAccountSpec | None = None) -> list[dict[str, Any]]:
-    """A ServiceAccount that may read its own run and write its own run's status — nothing else.
+def trainer_identity(namespace: str) -> list[dict[str, Any]]:
+    """The namespace's trainer identity, shared by its runs (no owner: it outlives each of them).
 
-    With ``spec.serviceAccount.name`` the operator creates no ServiceAccount: the run's own Role
-    is bound to the named one (the RoleBinding is created only once the Role is the run's)."""
-    name = run["metadata"]["name"]
-    sa = service_account_name(name)
-    subject = trainer_service_account(name, identity)
-    account: dict[str, Any] = {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": _meta(run, sa),
-        "automountServiceAccountToken": False,
-    }
-    if identity is not None and identity.annotations:
-        account["metadata"]["annotations"] = dict(identity.annotations)
-    own = [] if subject != sa else [account]
+    The Role may only patch ``trainingruns/status`` — no reads, no spec. Which run a trainer may
+    patch is decided at admission: the chart's status-guard policy lets a token bound to a pod
+    patch only the run whose ``status.pod`` (or preparation pod) is that pod."""
+    meta = {"name": TRAINER_IDENTITY, "namespace": namespace, "labels": identity_labels()}
     return [
-        *own,
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": dict(meta),
+            "automountServiceAccountToken": False,
+        },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
-            "metadata": _meta(run, sa),
+            "metadata": dict(meta),
             "rules": [
                 {
                     "apiGroups": [contract.API_GROUP],
-                    "resources": [contract.PLURAL],
-                    "resourceNames": [name],
-                    "verbs": ["get"],
-                },
-                {
-                    "apiGroups": [contract.API_GROUP],
                     "resources": [f"{contract.PLURAL}/status"],
-                    "resourceNames": [name],
-                    "verbs": ["get", "patch"],
-                },
+                    "verbs": ["patch"],
+                }
             ],
         },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": _meta(run, sa),
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
-            "subjects": [
-                {"kind": "ServiceAccount", "name": subject, "namespace": run["metadata"]["namespace"]}
-            ],
-        },
+        _binding(namespace, TRAINER_IDENTITY, TRAINER_IDENTITY, dict(meta)),
     ]
+
+
+def is_identity(obj: dict[str, Any]) -> bool:
+    """Whether ``obj`` is (a rendering of) the namespace's trainer identity, not a run's object."""
+    labels_ = (obj.get("metadata") or {}).get("labels") or {}
+    return bool(labels_.get(LABEL_COMPONENT) == IDENTITY_COMPONENT and LABEL_RUN not in labels_)
+
+
+def trainer_rbac(run: dict[str, Any], identity: ServiceAccountSpec | None = None) -> list[dict[str, Any]]:
+    """What the run's trainer needs: the namespace's identity, and — only when
+    ``spec.serviceAccount`` asks for another ServiceAccount — a RoleBinding of the namespace's
+    trainer Role to it (plus that ServiceAccount when the run has its own, with annotations).
+    The run's objects are controlled by the run; the namespace's are nobody's."""
+    ns, name = run["metadata"]["namespace"], run["metadata"]["name"]
+    shared = trainer_identity(ns)
+    subject = trainer_service_account(name, identity)
+    if subject == TRAINER_IDENTITY:
+        return shared
+    own: list[dict[str, Any]] = []
+    if identity is not None and identity.annotations:
+        own.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ServiceAccount",
+                "metadata": {**_meta(run, subject), "annotations": dict(identity.annotations)},
+                "automountServiceAccountToken": False,
+            }
+        )
+    own.append(_binding(ns, service_account_name(name), subject, _meta(run, service_account_name(name))))
+    return [*shared, *own]
+
+
+def run_objects(identity: ServiceAccountSpec | None, run_name: str) -> list[tuple[str, str]]:
+    """(kind, name) of the run's own supporting objects (what its cleanup deletes)."""
+    subject = trainer_service_account(run_name, identity)
+    if subject == TRAINER_IDENTITY:
+        return []
+    own = [("RoleBinding", service_account_name(run_name))]
+    if identity is not None and identity.annotations:
+        own.append(("ServiceAccount", subject))
+    return own
 
 
 def _placement(
@@ -366,7 +412,10 @@ def _pod(
     meta = _meta(run, name, component)
     meta["labels"][LABEL_INCARNATION] = str(incarnation)
     meta["labels"].update(kueue_labels(run))
-    meta["annotations"] = {ANNOTATION_CAPACITY: capacity.value}
+    meta["annotations"] = {
+        ANNOTATION_CAPACITY: capacity.value,
+        ANNOTATION_CONFIG: config_json(run, spec, settings),
+    }
     meta["finalizers"] = [POD_FINALIZER]
     res = spec.resources
     uid = settings.trainer_uid
@@ -408,7 +457,17 @@ def _pod(
             }
         ],
         "volumes": [
-            {"name": "config", "configMap": {"name": config_map_name(run_name)}},
+            {
+                "name": "config",
+                "downwardAPI": {
+                    "items": [
+                        {
+                            "path": CONFIG_KEY,
+                            "fieldRef": {"fieldPath": f"metadata.annotations['{ANNOTATION_CONFIG}']"},
+                        }
+                    ]
+                },
+            },
             {"name": "scratch", "emptyDir": {"sizeLimit": scratch_size}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},
         ],

@@ -49,6 +49,7 @@ from fermata_api import (
     TrainerStatus,
     TrainingRunSpec,
 )
+from fermata_api.pod import ServiceAccountSpec
 from fermata_dev.cluster import LocalControlPlane, wait_for_service_account
 from fermata_operator import crdgen, podspec
 from fermata_operator.planner.model import TRAINER_KEYS
@@ -89,7 +90,10 @@ def test_status_guard_file_is_the_generated_one() -> None:
     assert on_disk == crdgen.render_status_guard(), "run: python -m fermata_operator.crdgen"
     rules = yaml.safe_load(on_disk)
     status = crdgen.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
-    guarded = {r["message"].split(" ", 1)[0].removeprefix("status.") for r in rules}
+    # First the trainer-identity rules, then one rule per operator-owned field.
+    identity = crdgen.trainer_identity_validations()
+    assert rules[: len(identity)] == identity
+    guarded = {r["message"].split(" ", 1)[0].removeprefix("status.") for r in rules[len(identity) :]}
     assert guarded == set(status["properties"]) - TRAINER_KEYS
     assert set(re.findall(r"object\.\?status\.\?(\w+)", on_disk)) == guarded
 
@@ -209,12 +213,22 @@ def _policy_refusal(call: Callable[[], Any]) -> str:
     return message
 
 
-def _token_client(control_plane: LocalControlPlane, core: Any, sa: str, ns: str, path: Path) -> Any:
+def _token_client(
+    control_plane: LocalControlPlane, core: Any, sa: str, ns: str, path: Path, pod: Any = None
+) -> Any:
+    """A client with a token of ServiceAccount ``sa``: bound to ``pod`` (as a kubelet asks for
+    a pod's projected token), else unbound."""
     from kubernetes import config
 
-    token = core.create_namespaced_service_account_token(
-        sa, ns, {"spec": {"expirationSeconds": 3600}}
-    ).status.token
+    spec: dict[str, Any] = {"expirationSeconds": 3600}
+    if pod is not None:
+        spec["boundObjectRef"] = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "name": pod.metadata.name,
+            "uid": pod.metadata.uid,
+        }
+    token = core.create_namespaced_service_account_token(sa, ns, {"spec": spec}).status.token
     return config.new_client_from_config(
         config_file=str(_sa_kubeconfig(control_plane.kubeconfig, token, path))
     )
@@ -277,12 +291,11 @@ def _uninstall(helm_bin: Path, control_plane: LocalControlPlane, k8s_api: Any, r
     client.CoreV1Api(k8s_api).delete_namespace(rel.namespace)
 
 
-def _fermata_cm(ns: str, run: dict[str, Any], name: str | None = None, **meta: Any) -> dict[str, Any]:
-    obj = podspec.config_map(run, TrainingRunSpec.model_validate(run["spec"]), OperatorSettings())
+def _fermata_sa(ns: str, run: dict[str, Any]) -> dict[str, Any]:
+    """A run's own ServiceAccount as the operator renders it (spec.serviceAccount.annotations)."""
+    identity = ServiceAccountSpec(annotations={"example.com/team": "audio"})
+    obj = next(o for o in podspec.trainer_rbac(run, identity) if not podspec.is_identity(o))
     obj["metadata"]["namespace"] = ns
-    if name:
-        obj["metadata"]["name"] = name
-    obj["metadata"].update(meta)
     return obj
 
 
@@ -306,11 +319,11 @@ def release(
     try:
         # The policies act once the API server has loaded them: probe with a refused dry run.
         probe = client.CoreV1Api(rel.operator)
-        body = {"metadata": {"name": "probe"}, "data": {}}
+        body = {"metadata": {"name": "probe"}}
 
         def enforced() -> bool:
             try:
-                probe.create_namespaced_config_map("default", body, dry_run="All")
+                probe.create_namespaced_service_account("default", body, dry_run="All")
             except ApiException as exc:
                 return "ValidatingAdmissionPolicy" in exc.body
             return False
@@ -349,16 +362,21 @@ def _run(k8s_api: Any, ns: str, name: str, **overrides: Any) -> dict[str, Any]:
 
 
 def _create_trainer_rbac(api: Any, run: dict[str, Any]) -> None:
-    """The trainer's ServiceAccount, Role and RoleBinding, created as ``api`` (the operator)."""
+    """The trainer's ServiceAccount, Role and RoleBinding (the namespace's, shared by its runs),
+    created as ``api`` (the operator); those already there are left as they are."""
     ns = run["metadata"]["namespace"]
     core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
     for obj in podspec.trainer_rbac(run):
-        if obj["kind"] == "ServiceAccount":
-            core.create_namespaced_service_account(ns, obj)
-        elif obj["kind"] == "Role":
-            rbac.create_namespaced_role(ns, obj)
-        else:
-            rbac.create_namespaced_role_binding(ns, obj)
+        create = {
+            "ServiceAccount": core.create_namespaced_service_account,
+            "Role": rbac.create_namespaced_role,
+            "RoleBinding": rbac.create_namespaced_role_binding,
+        }[obj["kind"]]
+        try:
+            create(ns, obj)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
 
 
 @pytest.mark.cluster
@@ -408,8 +426,10 @@ def test_trainer_cannot_forge_status(
         },
     )
 
+    # The trainer: the token the kubelet gets for the run's pod (bound to forge-0).
+    pod = client.CoreV1Api(release.operator).create_namespaced_pod(tenant, _trainer_pod(run))
     trainer = _token_client(
-        control_plane, client.CoreV1Api(k8s_api), "forge-trainer", tenant, tmp_path / "t.kubeconfig"
+        control_plane, client.CoreV1Api(k8s_api), "fermata-trainer", tenant, tmp_path / "t.kubeconfig", pod
     )
     as_trainer = client.CustomObjectsApi(trainer)
 
@@ -472,6 +492,105 @@ def test_trainer_cannot_forge_status(
         trainer.close()
 
 
+@pytest.mark.cluster
+def test_a_trainer_token_reports_only_to_its_own_run(
+    control_plane: LocalControlPlane, k8s_api: Any, release: Release, tenant: str, tmp_path: Path
+) -> None:
+    """The trainers of a namespace share one ServiceAccount and one Role (patch trainingruns/
+    status); the status-guard policy keeps each to its own run: a token bound to run A's pod
+    patches A's status, not B's, and neither spec; an unbound token of that ServiceAccount
+    patches nothing; a pod the run has moved on from (status.pod is the next one) neither."""
+    admin_core = client.CoreV1Api(k8s_api)
+    as_operator = client.CustomObjectsApi(release.operator)
+    pods = {}
+    for name in ("iso-a", "iso-b"):
+        run = _run(k8s_api, tenant, name)
+        _create_trainer_rbac(release.operator, run)
+        pods[name] = client.CoreV1Api(release.operator).create_namespaced_pod(tenant, _trainer_pod(run))
+        as_operator.patch_namespaced_custom_object_status(
+            GROUP,
+            VERSION,
+            tenant,
+            PLURAL,
+            name,
+            {"status": {"phase": "Running", "pod": {"name": f"{name}-0", "incarnation": 0}}},
+        )
+    assert (
+        pods["iso-a"].spec.service_account_name
+        == pods["iso-b"].spec.service_account_name
+        == "fermata-trainer"
+    )
+    a_client = _token_client(
+        control_plane, admin_core, "fermata-trainer", tenant, tmp_path / "a.kubeconfig", pods["iso-a"]
+    )
+    unbound = _token_client(control_plane, admin_core, "fermata-trainer", tenant, tmp_path / "u.kubeconfig")
+    progress = TrainerProgress(
+        state=TrainerState.training, heartbeat_time=datetime.now(UTC), step=7, total_steps=100
+    )
+    try:
+        # A's pod reports to A, as the trainer does (server-side apply).
+        KubernetesStatusReporter(RunRef(name="iso-a", namespace=tenant), api_client=a_client).apply(
+            TrainerStatus(progress=progress)
+        )
+        assert (
+            client.CustomObjectsApi(k8s_api).get_namespaced_custom_object(
+                GROUP, VERSION, tenant, PLURAL, "iso-a"
+            )["status"]["progress"]["step"]
+            == 7
+        )
+        # ... but not to B: the same ServiceAccount and Role, refused by the status guard.
+        to_b = KubernetesStatusReporter(RunRef(name="iso-b", namespace=tenant), api_client=a_client)
+        message = _policy_refusal(lambda: to_b.apply(TrainerStatus(progress=progress)))
+        assert f"{release.name}-status-guard" in message
+        assert "may patch only the status of the TrainingRun whose current pod" in message
+        b_status = client.CustomObjectsApi(k8s_api).get_namespaced_custom_object(
+            GROUP, VERSION, tenant, PLURAL, "iso-b"
+        )["status"]
+        assert "progress" not in b_status
+        # Neither run's spec (nor reading runs at all): RBAC, the Role has patch on status only.
+        as_a = client.CustomObjectsApi(a_client)
+        body = {"spec": {"budget": {"maxUSD": 1_000_000}}}
+        for target in ("iso-a", "iso-b"):
+            assert "cannot patch resource" in _refusal(
+                lambda target=target: as_a.patch_namespaced_custom_object(
+                    GROUP, VERSION, tenant, PLURAL, target, body
+                )
+            )
+            assert "cannot get resource" in _refusal(
+                lambda target=target: as_a.get_namespaced_custom_object(
+                    GROUP, VERSION, tenant, PLURAL, target
+                )
+            )
+        # Through its own status subresource, a spec change is dropped by the API server.
+        before = client.CustomObjectsApi(k8s_api).get_namespaced_custom_object(
+            GROUP, VERSION, tenant, PLURAL, "iso-a"
+        )["spec"]
+        as_a.patch_namespaced_custom_object_status(GROUP, VERSION, tenant, PLURAL, "iso-a", body)
+        after = client.CustomObjectsApi(k8s_api).get_namespaced_custom_object(
+            GROUP, VERSION, tenant, PLURAL, "iso-a"
+        )["spec"]
+        assert after == before and after["budget"]["maxUSD"] != 1_000_000
+        # An unbound token of the trainer ServiceAccount says nothing about its run: refused.
+        own = KubernetesStatusReporter(RunRef(name="iso-a", namespace=tenant), api_client=unbound)
+        assert "only with the token of that run's pod" in _policy_refusal(
+            lambda: own.apply(TrainerStatus(progress=progress))
+        )
+        # The run moved on to its next pod: the old pod's token is refused too.
+        as_operator.patch_namespaced_custom_object_status(
+            GROUP,
+            VERSION,
+            tenant,
+            PLURAL,
+            "iso-a",
+            {"status": {"pod": {"name": "iso-a-1", "incarnation": 1}}},
+        )
+        mine = KubernetesStatusReporter(RunRef(name="iso-a", namespace=tenant), api_client=a_client)
+        assert "whose current pod" in _policy_refusal(lambda: mine.apply(TrainerStatus(progress=progress)))
+    finally:
+        a_client.close()
+        unbound.close()
+
+
 # ---------------------------------------------------------------------------- operator identity
 
 
@@ -497,12 +616,16 @@ def test_operator_identity_is_limited(k8s_api: Any, release: Release, tenant: st
     core, rbac = client.CoreV1Api(release.operator), client.RbacAuthorizationV1Api(release.operator)
     admin = client.CoreV1Api(k8s_api)
 
-    # The trainer's ServiceAccount, Role and RoleBinding, its ConfigMap and pod, as the operator
+    # The namespace's trainer identity, a run's own ServiceAccount, and the pod, as the operator
     # renders them: allowed.
     _create_trainer_rbac(release.operator, run)
     good = _trainer_pod(run)
     core.create_namespaced_pod(tenant, good, dry_run="All")
-    core.create_namespaced_config_map(tenant, _fermata_cm(tenant, run), dry_run="All")
+    core.create_namespaced_service_account(tenant, _fermata_sa(tenant, run), dry_run="All")
+    # ConfigMaps: the operator writes none (RBAC refuses before any policy).
+    assert 'cannot create resource "configmaps"' in _refusal(
+        lambda: core.create_namespaced_config_map(tenant, {"metadata": {"name": "x"}}, dry_run="All")
+    )
     event = {
         "metadata": {"name": "limits.probe", "namespace": tenant},
         "involvedObject": {
@@ -541,7 +664,8 @@ def test_operator_identity_is_limited(k8s_api: Any, release: Release, tenant: st
     # As another ServiceAccount, from another image.
     other_sa = {**good, "spec": {**good["spec"], "serviceAccountName": "default"}}
     assert (
-        "run as their run's trainer ServiceAccount (limits-trainer) or one of tenancy.allowedServiceAccounts, not default"
+        "run as the namespace's fermata-trainer ServiceAccount, their run's own (limits-trainer) or one of "
+        "tenancy.allowedServiceAccounts, not default"
         in _policy_refusal(lambda: core.create_namespaced_pod(tenant, other_sa, dry_run="All"))
     )
     miner = yaml.safe_load(yaml.safe_dump(good))
@@ -554,16 +678,23 @@ def test_operator_identity_is_limited(k8s_api: Any, release: Release, tenant: st
     del orphan["metadata"]["ownerReferences"]
     message = _policy_refusal(lambda: core.create_namespaced_pod(tenant, orphan, dry_run="All"))
     assert f"{release.name}-operator-owned" in message and "must be controlled by the TrainingRun" in message
-    plain = {
-        "metadata": {"name": "plain", "ownerReferences": good["metadata"]["ownerReferences"]},
-        "data": {},
-    }
+    plain = {"metadata": {"name": "plain", "ownerReferences": good["metadata"]["ownerReferences"]}}
     assert (
-        "configmaps "
+        "serviceaccounts "
         + tenant
         + "/plain: what the Fermata operator writes must carry the labels fermata.dev/run"
-        in (_policy_refusal(lambda: core.create_namespaced_config_map(tenant, plain, dry_run="All")))
+        in (_policy_refusal(lambda: core.create_namespaced_service_account(tenant, plain, dry_run="All")))
     )
+    # A "trainer identity" under another name, or owned by a run, or a run's object that calls
+    # itself the identity: refused.
+    identity = next(o for o in podspec.trainer_identity(tenant) if o["kind"] == "ServiceAccount")
+    renamed = {**identity, "metadata": {**identity["metadata"], "name": "fermata-trainer2"}}
+    _policy_refusal(lambda: core.create_namespaced_service_account(tenant, renamed, dry_run="All"))
+    owned = {
+        **identity,
+        "metadata": {**identity["metadata"], "ownerReferences": good["metadata"]["ownerReferences"]},
+    }
+    _policy_refusal(lambda: core.create_namespaced_service_account(tenant, owned, dry_run="All"))
 
     # Secrets: the chart grants none (RBAC answers 403, not a policy).
     secret = f"creds-{uuid.uuid4().hex[:5]}"
@@ -580,7 +711,7 @@ def test_operator_identity_is_limited(k8s_api: Any, release: Release, tenant: st
         admin.create_namespaced_config_map(
             "kube-system", {"metadata": {"name": "aws-auth"}, "data": {"mapRoles": "[]"}}
         )
-    message = _policy_refusal(
+    message = _refusal(
         lambda: core.patch_namespaced_config_map(
             "aws-auth",
             "kube-system",
@@ -589,14 +720,12 @@ def test_operator_identity_is_limited(k8s_api: Any, release: Release, tenant: st
         )
     )
     assert "kube-system" in message
-    # A tenant's own ConfigMap (no Fermata labels) cannot be rewritten, even in a run namespace.
-    admin.create_namespaced_config_map(tenant, {"metadata": {"name": "team-settings"}, "data": {"a": "1"}})
+    # A tenant's own ServiceAccount (no Fermata labels) cannot be deleted, even in a run namespace.
+    admin.create_namespaced_service_account(tenant, {"metadata": {"name": "team-identity"}})
     assert (
-        "may change only objects that are already Fermata's: configmaps " + tenant + "/team-settings"
+        "serviceaccounts " + tenant + "/team-identity: what the Fermata operator writes must carry the labels"
         in _policy_refusal(
-            lambda: core.patch_namespaced_config_map(
-                "team-settings", tenant, {"data": {"a": "2"}}, dry_run="All"
-            )
+            lambda: core.delete_namespaced_service_account("team-identity", tenant, dry_run="All")
         )
     )
     # Nor can a tenant's pod be deleted (RBAC lets the operator delete pods).
@@ -608,9 +737,9 @@ def test_operator_identity_is_limited(k8s_api: Any, release: Release, tenant: st
         in _policy_refusal(lambda: core.delete_namespaced_pod("web", tenant, dry_run="All"))
     )
     # Nor can Fermata's objects be written in a system namespace.
-    assert "may not write configmaps in namespace kube-public" in _policy_refusal(
-        lambda: core.create_namespaced_config_map(
-            "kube-public", _fermata_cm("kube-public", run), dry_run="All"
+    assert "may not write serviceaccounts in namespace kube-public" in _policy_refusal(
+        lambda: core.create_namespaced_service_account(
+            "kube-public", _fermata_sa("kube-public", run), dry_run="All"
         )
     )
 
@@ -623,23 +752,23 @@ def test_operator_identity_is_limited(k8s_api: Any, release: Release, tenant: st
     }
     _refusal(lambda: rbac.create_namespaced_role_binding(tenant, to_admin, dry_run="All"))
     held = {**rb, "roleRef": {**to_admin["roleRef"], "name": f"{release.name}-runs"}}
-    assert (
-        "bind the Role named like the binding (Role limits-trainer), not ClusterRole "
-        + f"{release.name}-runs"
-        in _policy_refusal(lambda: rbac.create_namespaced_role_binding(tenant, held, dry_run="All"))
+    assert f"bind the Role fermata-trainer, not ClusterRole {release.name}-runs" in _policy_refusal(
+        lambda: rbac.create_namespaced_role_binding(tenant, held, dry_run="All")
     )
     to_default = {**rb, "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": tenant}]}
-    assert "bind only the ServiceAccount named like the binding" in _policy_refusal(
+    assert "bind only fermata-trainer, the ServiceAccount named like the binding" in _policy_refusal(
         lambda: rbac.create_namespaced_role_binding(tenant, to_default, dry_run="All")
     )
-    # A Role with a verb the operator holds but the trainer must not get.
+    # A Role with a verb the operator holds but the trainer must not get, or another name.
     role = next(o for o in podspec.trainer_rbac(run) if o["kind"] == "Role")
     pods = {**role, "rules": [*role["rules"], {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]}
-    assert "Roles the Fermata operator creates grant only get on trainingruns" in _policy_refusal(
+    assert "the only Role the Fermata operator creates is fermata-trainer" in _policy_refusal(
         lambda: rbac.create_namespaced_role(tenant, pods, dry_run="All")
     )
-    wide = {**role, "rules": [{**role["rules"][1], "resourceNames": ["some-other-run"]}]}
-    _policy_refusal(lambda: rbac.create_namespaced_role(tenant, wide, dry_run="All"))
+    reads = {**role, "rules": [{**role["rules"][0], "verbs": ["get", "patch"]}]}
+    _policy_refusal(lambda: rbac.create_namespaced_role(tenant, reads, dry_run="All"))
+    spec_too = {**role, "rules": [{**role["rules"][0], "resources": ["trainingruns", "trainingruns/status"]}]}
+    _policy_refusal(lambda: rbac.create_namespaced_role(tenant, spec_too, dry_run="All"))
     # Events about something else.
     about_secret = {
         **event,
@@ -945,9 +1074,9 @@ def test_namespaced_operator_is_refused_outside_its_namespaces(
     try:
         run = _run(k8s_api, watched, "scoped")
         as_operator = client.CoreV1Api(rel.operator)
-        cm = _fermata_cm(watched, run)
+        own = _fermata_sa(watched, run)
         wait_for(
-            lambda: as_operator.create_namespaced_config_map(watched, cm, dry_run="All"),
+            lambda: as_operator.create_namespaced_service_account(watched, own, dry_run="All"),
             timeout=30,
             what="the chart's Role",
         )
@@ -957,7 +1086,7 @@ def test_namespaced_operator_is_refused_outside_its_namespaces(
             tenant,
             {
                 "metadata": {"name": f"{rel.name}-stray"},
-                "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]}],
+                "rules": [{"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["create"]}],
             },
         )
         rbac.create_namespaced_role_binding(
@@ -972,11 +1101,11 @@ def test_namespaced_operator_is_refused_outside_its_namespaces(
                 "subjects": [{"kind": "ServiceAccount", "name": rel.sa, "namespace": rel.namespace}],
             },
         )
-        stray = _fermata_cm(tenant, run)
+        stray = _fermata_sa(tenant, run)
 
         def refused() -> str | None:
             try:
-                as_operator.create_namespaced_config_map(tenant, stray, dry_run="All")
+                as_operator.create_namespaced_service_account(tenant, stray, dry_run="All")
             except ApiException as exc:
                 message = str(json.loads(exc.body)["message"])
                 return message if "ValidatingAdmissionPolicy" in message else None  # RBAC: not yet
@@ -985,7 +1114,7 @@ def test_namespaced_operator_is_refused_outside_its_namespaces(
         message = wait_for(refused, timeout=30, what="RBAC allows, the policy refuses")
         assert f"{rel.name}-operator-namespaces" in message
         assert (
-            f"may not write configmaps in namespace {tenant}: it watches only {watched} (chart value watchNamespaces)"
+            f"may not write serviceaccounts in namespace {tenant}: it watches only {watched} (chart value watchNamespaces)"
             in message
         )
     finally:

@@ -200,9 +200,8 @@ def test_rendering_modes(helm: Path) -> None:
     }
     assert rules == {
         ("", "pods"): ("get", "list", "watch", "create", "delete", "patch"),
-        ("", "configmaps"): ("get", "create", "patch", "delete"),
         ("", "serviceaccounts"): ("get", "create", "delete"),
-        ("rbac.authorization.k8s.io", "roles"): ("get", "create", "delete"),
+        ("rbac.authorization.k8s.io", "roles"): ("get", "create"),
         ("rbac.authorization.k8s.io", "rolebindings"): ("get", "create", "delete"),
         ("", "events"): ("create", "patch"),
         ("fermata.dev", "trainingruns"): ("get", "list", "watch", "patch", "delete"),
@@ -439,8 +438,8 @@ def test_install_and_run_the_operator_as_the_chart_service_account(
         assert [p.metadata.name for p in pods] == ["charted-0"]
         # The trainer's RBAC objects were created by the operator, through the chart's grants.
         rbac = client.RbacAuthorizationV1Api(k8s_api)
-        role = rbac.read_namespaced_role("charted-trainer", runs.ns)
-        assert {tuple(r.verbs) for r in role.rules} == {("get",), ("get", "patch")}
+        role = rbac.read_namespaced_role("fermata-trainer", runs.ns)
+        assert [(r.resources, r.verbs) for r in role.rules] == [(["trainingruns/status"], ["patch"])]
 
         with urllib.request.urlopen(f"http://127.0.0.1:{liveness_port}/healthz", timeout=5) as resp:
             assert resp.status == 200

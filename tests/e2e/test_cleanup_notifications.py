@@ -76,7 +76,10 @@ def test_a_failed_run_is_notified_then_cleaned_up_and_a_succeeded_one_deleted(
         FERMATA_NOTIFY_BACKOFF_SECONDS="0.2",
     )
     kubelet.set_mode("manual")
-    runs.create("crash", spec(ttlSecondsAfterFinished=2))
+    # crash has an identity of its own (its ServiceAccount and RoleBinding go with it).
+    runs.create(
+        "crash", spec(ttlSecondsAfterFinished=2, serviceAccount={"annotations": {"example.com/team": "a"}})
+    )
     runs.create("done", spec(ttlSecondsAfterFinished=0, cleanup={"deleteRun": True}))
     for name in ("crash", "done"):
         wait_for(
@@ -98,13 +101,11 @@ def test_a_failed_run_is_notified_then_cleaned_up_and_a_succeeded_one_deleted(
     core, rbac = runs.core, client.RbacAuthorizationV1Api(runs.api)
     wait_for(lambda: runs.status("crash").get("cleanedUp"), timeout=30, what="crash cleaned up")
     wait_for(lambda: runs.pods("crash") == [], timeout=30, what="crash pods gone")
-    for read in (
-        core.read_namespaced_config_map,
-        core.read_namespaced_service_account,
-        rbac.read_namespaced_role,
-        rbac.read_namespaced_role_binding,
-    ):
+    for read in (core.read_namespaced_service_account, rbac.read_namespaced_role_binding):
         assert wait_for(lambda r=read: _gone(r, "crash-trainer", runs.ns), timeout=15, what=str(read))
+    # The namespace's trainer identity, shared with the other runs, stays.
+    assert core.read_namespaced_service_account("fermata-trainer", runs.ns).metadata.name == "fermata-trainer"
+    assert rbac.read_namespaced_role("fermata-trainer", runs.ns).metadata.name == "fermata-trainer"
     st = runs.status("crash")
     assert st["phase"] == "Failed" and st["cost"]["segments"] and st["completionTime"]
     assert runs.condition("crash", "CleanedUp")["status"] == "True"

@@ -155,7 +155,7 @@ def test_a_named_service_account_runs_the_pod_and_gets_the_status_role(
     assert pod.spec.automount_service_account_token is True
     rbac = client.RbacAuthorizationV1Api(runs.api)
     binding = rbac.read_namespaced_role_binding("named-trainer", runs.ns)
-    assert binding.role_ref.name == "named-trainer"
+    assert binding.role_ref.name == "fermata-trainer"
     assert [(s.kind, s.name, s.namespace) for s in binding.subjects] == [
         ("ServiceAccount", "ml-identity", runs.ns)
     ]

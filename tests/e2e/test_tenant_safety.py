@@ -386,64 +386,65 @@ def test_a_name_held_by_someone_else_is_never_adopted(
 ) -> None:
     core, rbac = runs.core, client.RbacAuthorizationV1Api(runs.api)
     ns = runs.ns
-    sa = core.create_namespaced_service_account(ns, {"metadata": {"name": "nc-trainer"}})
     tenant_rules = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["create", "delete"]}]
-    role = rbac.create_namespaced_role(ns, {"metadata": {"name": "nc2-trainer"}, "rules": tenant_rules})
-    cm = core.create_namespaced_config_map(ns, {"metadata": {"name": "nc3-trainer"}, "data": {"keep": "me"}})
-    held = {
-        "nc": f"ServiceAccount {ns}/nc-trainer",
-        "nc2": f"Role {ns}/nc2-trainer",
-        "nc3": f"ConfigMap {ns}/nc3-trainer",
-    }
-    for name in held:
-        runs.create(name, spec())
-    for name, obj in held.items():
-        accepted = wait_for(
-            lambda name=name: (c := runs.condition(name, "Accepted")) and c["status"] == "False" and c,
-            timeout=20,
-            what=f"{name}: Accepted=False",
-        )
-        assert accepted["reason"] == "NameConflict", accepted
-        assert obj in accepted["message"], accepted
-    versions = {name: rv(runs, name) for name in held}
-    time.sleep(5)  # five resyncs
-    for name, obj in held.items():
-        conflicts = events(runs, name, "NameConflict")
-        assert len(conflicts) == 1, (name, [(e.type, e.message) for e in conflicts])
-        assert conflicts[0].type == "Warning" and obj in conflicts[0].message
-        assert not events(runs, name, "PodCreated"), name
-        assert runs.pods(name) == [], name
-        st = runs.status(name)
-        assert st["phase"] == "Pending" and (st.get("creationBlocked") or {}).get("reason") == "NameConflict"
-        assert rv(runs, name) == versions[name], f"{name}: status rewritten while blocked"
-        refusals = [
-            line
-            for line in log_lines(op)
-            if line.get("event") == "create refused" and line.get("run") == name
-        ]
-        assert len(refusals) == 1, (name, refusals)
-    # The tenant's objects are as they were: not patched, not owned, not bound.
-    sa_now = core.read_namespaced_service_account("nc-trainer", ns)
-    assert sa_now.metadata.resource_version == sa.metadata.resource_version
-    assert not sa_now.metadata.owner_references
-    role_now = rbac.read_namespaced_role("nc2-trainer", ns)
+    # The namespace's trainer Role's name, held by the tenant (with rules of her own).
+    role = rbac.create_namespaced_role(ns, {"metadata": {"name": "fermata-trainer"}, "rules": tenant_rules})
+    runs.create("nc", spec())
+    _assert_blocked_once(runs, op, "nc", f"Role {ns}/fermata-trainer")
+    role_now = rbac.read_namespaced_role("fermata-trainer", ns)
     assert role_now.metadata.resource_version == role.metadata.resource_version
     assert [r.to_dict() for r in role_now.rules] == [r.to_dict() for r in role.rules]
     assert not role_now.metadata.owner_references
-    cm_now = core.read_namespaced_config_map("nc3-trainer", ns)
-    assert cm_now.data == {"keep": "me"} and cm_now.metadata.resource_version == cm.metadata.resource_version
-    assert not cm_now.metadata.owner_references
-    # Nor are they given rights: no binding to the tenant's Role, none naming the tenant's
-    # ServiceAccount (the trainer's Role would make it able to write the run's status).
-    bindings = rbac.list_namespaced_role_binding(ns).items
+    # Nothing was bound to the tenant's Role (the trainer ServiceAccount would have gained it).
+    assert [b.metadata.name for b in rbac.list_namespaced_role_binding(ns).items] == []
+    # The tenant lets the name go; a run with an identity of its own (spec.serviceAccount
+    # annotations: its own <run>-trainer ServiceAccount) finds that name held instead.
+    rbac.delete_namespaced_role("fermata-trainer", ns)
+    sa = core.create_namespaced_service_account(ns, {"metadata": {"name": "nc2-trainer"}})
+    runs.create("nc2", spec(serviceAccount={"annotations": {"example.com/team": "audio"}}))
+    _assert_blocked_once(runs, op, "nc2", f"ServiceAccount {ns}/nc2-trainer")
+    sa_now = core.read_namespaced_service_account("nc2-trainer", ns)
+    assert sa_now.metadata.resource_version == sa.metadata.resource_version
+    assert not sa_now.metadata.owner_references and not sa_now.metadata.annotations
+    # The namespace's identity is Fermata's now (created for nc2 before its own objects).
+    assert rbac.read_namespaced_role("fermata-trainer", ns).metadata.labels[
+        "app.kubernetes.io/component"
+    ] == ("trainer-identity")
+    # Nor is the tenant's ServiceAccount given rights: no binding names it (the trainer Role
+    # would make it able to write runs' status).
     granted = [
         f"RoleBinding {b.metadata.name} binds Role {b.role_ref.name} to "
         + ", ".join(f"{x.kind} {x.name}" for x in b.subjects or [])
-        for b in bindings
-        if b.role_ref.name == "nc2-trainer"
-        or any(x.kind == "ServiceAccount" and x.name == "nc-trainer" for x in b.subjects or [])
+        for b in rbac.list_namespaced_role_binding(ns).items
+        if any(x.kind == "ServiceAccount" and x.name == "nc2-trainer" for x in b.subjects or [])
     ]
     assert not granted, granted
+
+
+def _assert_blocked_once(runs: Runs, op: OperatorProcess, name: str, obj: str) -> None:
+    """``name`` is refused with NameConflict naming ``obj``: one Warning, one log line, no pod,
+    and its status is not rewritten while blocked."""
+    accepted = wait_for(
+        lambda: (c := runs.condition(name, "Accepted")) and c["status"] == "False" and c,
+        timeout=20,
+        what=f"{name}: Accepted=False",
+    )
+    assert accepted["reason"] == "NameConflict", accepted
+    assert obj in accepted["message"], accepted
+    version = rv(runs, name)
+    time.sleep(5)  # five resyncs
+    conflicts = events(runs, name, "NameConflict")
+    assert len(conflicts) == 1, (name, [(e.type, e.message) for e in conflicts])
+    assert conflicts[0].type == "Warning" and obj in conflicts[0].message
+    assert not events(runs, name, "PodCreated"), name
+    assert runs.pods(name) == [], name
+    st = runs.status(name)
+    assert st["phase"] == "Pending" and (st.get("creationBlocked") or {}).get("reason") == "NameConflict"
+    assert rv(runs, name) == version, f"{name}: status rewritten while blocked"
+    refusals = [
+        line for line in log_lines(op) if line.get("event") == "create refused" and line.get("run") == name
+    ]
+    assert len(refusals) == 1, (name, refusals)
 
 
 # ----------------------------------------------------------------------------- 5. creation refused

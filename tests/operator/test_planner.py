@@ -9,6 +9,7 @@ import pytest
 
 from fermata_api import TrainingRunStatus
 from fermata_api.meta import ANNOTATION_STOP_REASON, POD_FINALIZER
+from fermata_operator import podspec
 from fermata_operator.planner import Observed, Plan, merge_patch, plan, refused, status_changed
 from fermata_operator.policies.prices import PriceTable
 from fermata_operator.settings import OperatorSettings
@@ -35,11 +36,13 @@ def cond(r: dict[str, Any], ctype: str) -> dict[str, Any]:
     return next(c for c in r["status"]["conditions"] if c["type"] == ctype)
 
 
-def test_new_run_creates_config_rbac_and_one_pod() -> None:
+def test_new_run_creates_the_namespace_identity_and_one_pod() -> None:
     r = run()
     p = step(r, [], timedelta(0))
     kinds = [o["kind"] for o in p.create]
-    assert kinds == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Pod"]
+    # The namespace's trainer identity (shared, created once per namespace), then the pod.
+    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "Pod"]
+    assert all(podspec.is_identity(o) for o in p.create[:3])
     pod = p.create[-1]
     assert pod["metadata"]["name"] == "demo-0"
     assert r["status"]["phase"] == "Pending"

@@ -62,10 +62,19 @@ def test_restricted_security_context() -> None:
 def test_config_and_credentials_are_passed_explicitly() -> None:
     r = run()
     s = TrainingRunSpec.model_validate(r["spec"])
-    cm = podspec.config_map(r, s, OperatorSettings())
-    cfg = TrainerConfig.model_validate(json.loads(cm["data"]["trainer.json"]))
+    pod = _pod()
+    # The configuration rides on the pod (annotation → downward-API file): each pod keeps the
+    # configuration it was created from.
+    raw = pod["metadata"]["annotations"][podspec.ANNOTATION_CONFIG]
+    assert raw == podspec.config_json(r, s, OperatorSettings())
+    cfg = TrainerConfig.model_validate(json.loads(raw))
     assert cfg.run.name == "demo" and cfg.storage.checkpoints == "s3://ml-runs/demo/"
-    env = _pod()["spec"]["containers"][0]["env"]
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "config")
+    item = volume["downwardAPI"]["items"][0]
+    assert item["path"] == podspec.CONFIG_KEY
+    assert item["fieldRef"]["fieldPath"] == f"metadata.annotations['{podspec.ANNOTATION_CONFIG}']"
+    env = pod["spec"]["containers"][0]["env"]
+    assert {e["name"]: e.get("value") for e in env}["FERMATA_CONFIG"] == "/etc/fermata/trainer.json"
     secret_refs = {
         e["name"]: e["valueFrom"]["secretKeyRef"]["name"]
         for e in env
@@ -76,13 +85,19 @@ def test_config_and_credentials_are_passed_explicitly() -> None:
     assert {e["name"]: e.get("value") for e in env}["FERMATA_RESUME_FROM"] == "s3://x/m.json"
 
 
-def test_trainer_rbac_is_scoped_to_its_own_run() -> None:
+def test_the_trainer_identity_is_the_namespaces_and_only_patches_status() -> None:
     sa, role, binding = podspec.trainer_rbac(run())
-    assert sa["kind"] == "ServiceAccount"
-    for rule in role["rules"]:
-        assert rule["resourceNames"] == ["demo"]
-        assert set(rule["verbs"]) <= {"get", "patch"}
-    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert [o["metadata"]["name"] for o in (sa, role, binding)] == ["fermata-trainer"] * 3
+    assert all(podspec.is_identity(o) and "ownerReferences" not in o["metadata"] for o in (sa, role, binding))
+    assert sa["automountServiceAccountToken"] is False
+    # No reads, no spec: patch on the status subresource (the status-guard policy picks the run).
+    assert role["rules"] == [
+        {"apiGroups": ["fermata.dev"], "resources": ["trainingruns/status"], "verbs": ["patch"]}
+    ]
+    assert binding["roleRef"]["name"] == "fermata-trainer"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "fermata-trainer", "namespace": "ml"}]
+    assert _pod()["spec"]["serviceAccountName"] == "fermata-trainer"
+    assert podspec.run_objects(None, "demo") == []
 
 
 def test_resume_env_carries_the_digest_and_marks_an_explicit_foreign_start() -> None:

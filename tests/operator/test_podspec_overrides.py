@@ -77,7 +77,7 @@ def test_a_run_without_overrides_is_unchanged() -> None:
     assert "imagePullSecrets" not in pod["spec"] and "topologySpreadConstraints" not in pod["spec"]
     assert [v["name"] for v in pod["spec"]["volumes"]] == ["config", "scratch", "dshm"]
     assert "envFrom" not in pod["spec"]["containers"][0]
-    assert pod["spec"]["serviceAccountName"] == "demo-trainer"
+    assert pod["spec"]["serviceAccountName"] == "fermata-trainer"
 
 
 def test_additions_land_and_the_operators_own_keys_win() -> None:
@@ -85,7 +85,8 @@ def test_additions_land_and_the_operators_own_keys_win() -> None:
     meta, spec = pod["metadata"], pod["spec"]
     assert meta["labels"]["team"] == "audio"
     assert meta["labels"][LABEL_RUN] == "demo" and meta["labels"]["app.kubernetes.io/name"] == "fermata"
-    assert meta["annotations"] == {"fermata.dev/capacity": "spot", "example.com/cost-center": "42"}
+    annotations = {k: v for k, v in meta["annotations"].items() if k != podspec.ANNOTATION_CONFIG}
+    assert annotations == {"fermata.dev/capacity": "spot", "example.com/cost-center": "42"}
     assert meta["finalizers"] == [POD_FINALIZER]
     c = spec["containers"][0]
     env = {e["name"]: e for e in c["env"]}
@@ -97,7 +98,7 @@ def test_additions_land_and_the_operators_own_keys_win() -> None:
     assert env["FERMATA_RESUME_FROM"]["value"] == ""
     assert c["envFrom"] == [{"configMapRef": {"name": "team-env"}}]
     volumes = {v["name"]: v for v in spec["volumes"]}
-    assert volumes["config"] == {"name": "config", "configMap": {"name": "demo-trainer"}}
+    assert volumes["config"]["downwardAPI"]["items"][0]["path"] == "trainer.json"
     assert volumes["prompts"]["configMap"] == {"name": "prompts"}
     assert volumes["data"]["persistentVolumeClaim"] == {"claimName": "datasets", "readOnly": True}
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
@@ -161,10 +162,17 @@ def test_service_account_annotations_land_on_the_per_run_account() -> None:
     arn = {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/fermata"}
     r = run(serviceAccount={"annotations": arn})
     s = TrainingRunSpec.model_validate(r["spec"])
-    sa, role, binding = podspec.trainer_rbac(r, s.service_account)
+    *shared, sa, binding = podspec.trainer_rbac(r, s.service_account)
+    assert all(podspec.is_identity(o) for o in shared)
     assert sa["kind"] == "ServiceAccount" and sa["metadata"]["annotations"] == arn
+    assert sa["metadata"]["name"] == "demo-trainer" and sa["metadata"]["ownerReferences"][0]["name"] == "demo"
     assert sa["automountServiceAccountToken"] is False
     assert binding["subjects"][0]["name"] == "demo-trainer"
+    assert binding["roleRef"]["name"] == "fermata-trainer"
+    assert podspec.run_objects(s.service_account, "demo") == [
+        ("RoleBinding", "demo-trainer"),
+        ("ServiceAccount", "demo-trainer"),
+    ]
     pod = podspec.trainer_pod(
         r, s, OperatorSettings(), incarnation=0, capacity=CapacityType.spot, resume_from=None
     )
@@ -176,10 +184,12 @@ def test_a_named_service_account_is_bound_not_created() -> None:
     r = run(serviceAccount={"name": "ml-identity"})
     s = TrainingRunSpec.model_validate(r["spec"])
     objs = podspec.trainer_rbac(r, s.service_account)
-    assert [o["kind"] for o in objs] == ["Role", "RoleBinding"]
-    role, binding = objs
-    assert binding["roleRef"]["name"] == role["metadata"]["name"] == "demo-trainer"
+    assert [o["kind"] for o in objs] == ["ServiceAccount", "Role", "RoleBinding", "RoleBinding"]
+    binding = objs[-1]
+    assert binding["metadata"]["name"] == "demo-trainer" and not podspec.is_identity(binding)
+    assert binding["roleRef"]["name"] == "fermata-trainer"
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "ml-identity", "namespace": "ml"}]
+    assert podspec.run_objects(s.service_account, "demo") == [("RoleBinding", "demo-trainer")]
     pod = podspec.trainer_pod(
         r, s, OperatorSettings(), incarnation=0, capacity=CapacityType.spot, resume_from=None
     )

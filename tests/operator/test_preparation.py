@@ -144,7 +144,7 @@ def test_a_new_run_prepares_first_on_cpu_then_the_gpu_pod_gets_the_verified_data
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
     assert prep["metadata"]["labels"]["app.kubernetes.io/component"] == "preparer"
     assert prep["metadata"]["finalizers"] == ["fermata.dev/cost-accounting"]
-    assert prep["spec"]["serviceAccountName"] == "demo-trainer"
+    assert prep["spec"]["serviceAccountName"] == "fermata-trainer"
     assert prep["spec"]["securityContext"]["runAsNonRoot"] is True
     terms = prep["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert terms["nodeSelectorTerms"][0]["matchExpressions"][1]["values"] == ["m5.xlarge"]

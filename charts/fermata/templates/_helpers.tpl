@@ -60,17 +60,17 @@ trainingruns/status; RBAC lets it create them only because it holds those verbs 
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch, create, delete, patch]
-# The trainer's configuration (created, patched when the spec changes).
-- apiGroups: [""]
-  resources: [configmaps]
-  verbs: [get, create, patch, delete]
-# The trainer's ServiceAccount, Role and RoleBinding (its own run's status only); deleted with
-# the ConfigMap and pods spec.ttlSecondsAfterFinished after the run finished.
+# The namespace's trainer identity (ServiceAccount, Role, RoleBinding fermata-trainer: created once,
+# never changed); a run's own ServiceAccount and RoleBinding when spec.serviceAccount asks for
+# them, deleted with its pods spec.ttlSecondsAfterFinished after the run finished.
 - apiGroups: [""]
   resources: [serviceaccounts]
   verbs: [get, create, delete]
 - apiGroups: [rbac.authorization.k8s.io]
-  resources: [roles, rolebindings]
+  resources: [roles]
+  verbs: [get, create]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [rolebindings]
   verbs: [get, create, delete]
 # Decisions as Events on the TrainingRun (the operator's and kopf's).
 - apiGroups: [""]

@@ -1,4 +1,4 @@
-"""Creating the next trainer pod (with its ConfigMap and RBAC), and tracking the current one."""
+"""Creating the next trainer pod (with the trainer identity it runs as), and tracking the current one."""
 
 from __future__ import annotations
 
@@ -152,7 +152,6 @@ def start_next(p: Pass) -> Plan:
     resume = own.uri if own is not None else spec.resume_from
     prepared = _prepared(spec, st)
     run = p.obs.run
-    p.plan.create.append(podspec.config_map(run, spec, p.settings))
     p.plan.create.extend(podspec.trainer_rbac(run, spec.service_account))
     p.plan.create.append(
         podspec.trainer_pod(

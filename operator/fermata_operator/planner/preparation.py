@@ -108,7 +108,6 @@ def _start(p: Pass, tr: PreparerStatus, name: str) -> Plan:
     if refused is not None:
         return refused
     run = p.obs.run
-    p.plan.create.append(podspec.config_map(run, spec, p.settings))
     p.plan.create.extend(podspec.trainer_rbac(run, spec.service_account))
     p.plan.create.append(podspec.preparation_pod(run, spec, p.settings, incarnation=tr.incarnation))
     tr.pod = PodStatusSummary(name=name, incarnation=tr.incarnation, phase="Pending", created=p.now)

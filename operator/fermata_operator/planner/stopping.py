@@ -115,7 +115,7 @@ def settle_terminal(p: Pass) -> Plan:
 
 
 def clean_up(p: Pass) -> float | None:
-    """``spec.ttlSecondsAfterFinished``: once it has passed, the run's pods, ConfigMap and RBAC go
+    """``spec.ttlSecondsAfterFinished``: once it has passed, the run's pods and its own RBAC go
     (and the run too with ``cleanup.deleteRun``). Called only once every pod has settled (no
     pod runs, every billed span recorded). Returns when to look again (None: only on a change)."""
     assert p.spec is not None
@@ -126,15 +126,9 @@ def clean_up(p: Pass) -> float | None:
     for pod in p.pods:
         p.plan.cleanup.append(("Pod", pod.name))
         p.record_uid(pod.name)
-    rbac = podspec.service_account_name(p.name)
-    p.plan.cleanup.extend(
-        [
-            ("RoleBinding", rbac),
-            ("Role", rbac),
-            ("ServiceAccount", rbac),
-            ("ConfigMap", podspec.config_map_name(p.name)),
-        ]
-    )
+    # The run's own RoleBinding / ServiceAccount, if spec.serviceAccount gave it any (the
+    # namespace's trainer identity stays, like the namespace's default ServiceAccount).
+    p.plan.cleanup.extend(podspec.run_objects(p.spec.service_account, p.name))
     p.st.cleaned_up = p.now
     condition, event = cleanup.recorded(p.spec.ttl_seconds_after_finished or 0, v.delete_run)
     p.set_condition(condition.type, condition.status, condition.reason, condition.message)

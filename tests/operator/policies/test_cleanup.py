@@ -81,13 +81,8 @@ def test_the_planner_cleans_a_finished_run_once_its_pods_settled() -> None:
     p = step(r, [pod], timedelta(hours=1, seconds=10))
     assert p.cleanup == [] and p.requeue_after == pytest.approx(50.0)  # completionTime: the pod's end
     p = step(r, [pod], timedelta(hours=1, seconds=66))
-    assert p.cleanup == [
-        ("Pod", "demo-0"),
-        ("RoleBinding", "demo-trainer"),
-        ("Role", "demo-trainer"),
-        ("ServiceAccount", "demo-trainer"),
-        ("ConfigMap", "demo-trainer"),
-    ]
+    # The run has no objects of its own but its pods: the namespace's trainer identity stays.
+    assert p.cleanup == [("Pod", "demo-0")]
     assert p.uids["demo-0"] == "pod-uid" and not p.delete_run and p.requeue_after is None
     assert [e.reason for e in p.events] == ["CleanedUp"]
     assert r["status"]["cleanedUp"] and r["status"]["cost"]["segments"]  # the cost history stays
