@@ -84,6 +84,16 @@ class ReconcileGate:
         self.free += 1
 
 
+def watch_only_ours(settings: kopf.OperatorSettings, opsettings: OperatorSettings) -> None:
+    """Server-side label selectors: the API server sends only Fermata's pods and the nodes its
+    pods can land on, so neither the watch traffic nor kopf's per-object work grows with the
+    unrelated pods and nodes of the cluster."""
+    settings.watching.label_selectors["", "v1", "pods"] = LABEL_RUN
+    if opsettings.node_label_selector:
+        settings.watching.label_selectors["", "v1", "nodes"] = opsettings.node_label_selector
+    log.info("watching", pods=LABEL_RUN, nodes=opsettings.node_label_selector or "all")
+
+
 def _controller(memo: Any) -> RunController:
     ctl: RunController = memo["controller"]
     return ctl
@@ -101,6 +111,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
     opsettings = OperatorSettings.from_env()
+    watch_only_ours(settings, opsettings)
     # Reconciles run the synchronous client in threads: size the pool (and the client's
     # connection pool) for many runs instead of asyncio's default of cores + 4.
     asyncio.get_running_loop().set_default_executor(

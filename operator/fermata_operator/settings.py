@@ -69,6 +69,10 @@ class OperatorSettings:
     notify_format: str = "slack"
     notify_events: tuple[str, ...] = ("decision", "budget", "idle", "failure")
     notify_backoff_seconds: float = 1.0
+    #: Label selector of the nodes the operator watches (empty: every node). Nodes outside it
+    #: that a Fermata pod lands on are read on demand (facts still right, but their termination
+    #: taint is seen at the next resync instead of at once).
+    node_label_selector: str = ""
 
     @classmethod
     def from_env(cls) -> OperatorSettings:
@@ -93,4 +97,5 @@ class OperatorSettings:
             notify_format=os.environ.get("FERMATA_NOTIFY_FORMAT", "") or base.notify_format,
             notify_events=_env_list("FERMATA_NOTIFY_EVENTS") or base.notify_events,
             notify_backoff_seconds=_env_float("FERMATA_NOTIFY_BACKOFF_SECONDS", base.notify_backoff_seconds),
+            node_label_selector=os.environ.get("FERMATA_NODE_LABEL_SELECTOR", "").strip(),
         )

@@ -150,6 +150,8 @@ def test_rendering_modes(helm: Path) -> None:
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["FERMATA_METRICS_PORT"] == "8080"
     assert env["FERMATA_PRICE_TABLE"] == "fermata-system/fermata-prices"
+    # Only the nodes Fermata pods can land on are watched (Karpenter's by default).
+    assert env["FERMATA_NODE_LABEL_SELECTOR"] == "karpenter.sh/capacity-type"
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "liveness"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "liveness"}
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 8080, "liveness": 8081}
@@ -219,6 +221,7 @@ def test_the_notification_webhook_reaches_the_operator(helm: Path) -> None:
         return {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
 
     assert not any(k.startswith("FERMATA_NOTIFY") for k in env_of())
+    assert "FERMATA_NODE_LABEL_SELECTOR" not in env_of("--set", "operator.nodeLabelSelector=")
     plain = env_of(
         "--set",
         "notifications.webhook.url=https://hooks.example.com/x",
