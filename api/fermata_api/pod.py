@@ -112,8 +112,9 @@ class ServiceAccountSpec(ApiModel):
         json_schema_extra=pattern_rule(f"serviceAccount.name must be a ServiceAccount name: {_NAME_MSG}"),
         description=(
             "An existing ServiceAccount in the run's namespace the trainer runs as (EKS Pod "
-            "Identity, GKE Workload Identity) instead of the per-run one; the operator binds the "
-            "run's status Role to it and never changes the ServiceAccount itself."
+            "Identity, GKE Workload Identity) instead of the namespace's fermata-trainer; the "
+            "operator binds the namespace's fermata-trainer status Role to it (RoleBinding "
+            "<run>-trainer) and never changes the ServiceAccount itself."
         ),
     )
     annotations: dict[str, Annotated[str, Field(max_length=4096)]] | None = Field(
@@ -130,7 +131,8 @@ class ServiceAccountSpec(ApiModel):
             ),
         ),
         description=(
-            "Annotations of the per-run ServiceAccount the operator creates, e.g. "
+            "Annotations of a ServiceAccount of the run's own (<run>-trainer) the operator "
+            "creates instead of using the namespace's fermata-trainer, e.g. "
             "eks.amazonaws.com/role-arn (IRSA) or iam.gke.io/gcp-service-account."
         ),
     )

@@ -91,6 +91,8 @@ class RunController:
     #: Namespaces whose trainer identity (ServiceAccount, Role, RoleBinding) is known to be
     #: Fermata's: created or verified once per operator process, not once per run.
     _identities: set[str] = field(default_factory=set)
+    #: One creator of a namespace's identity at a time (the burst's other runs wait for it).
+    _identity_locks: dict[str, Lock] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         #: Creates a new pod's ServiceAccount and RBAC side by side (then the pod).
@@ -323,34 +325,48 @@ class RunController:
 
     def create_all(self, objs: list[dict[str, Any]], owner_uid: str | None) -> None:
         """The pod's supporting objects, then the pod, which needs them: a pod exists only once
-        everything it uses does. ServiceAccounts and Roles go side by side; a RoleBinding only
-        once both its ServiceAccount and the Role are known to be Fermata's, so a name held by
-        someone else never gets a grant. The namespace's trainer identity is checked once per
-        namespace (then skipped); a refused create makes the next pod check it again."""
-        ns = next((o["metadata"]["namespace"] for o in objs), None)
-        with self._lock:
-            known = ns in self._identities
-        todo = [o for o in objs if not (known and podspec.is_identity(o))]
-        stage = {"ServiceAccount": 0, "Role": 0, "RoleBinding": 1, "Pod": 2}
+        everything it uses does. First the namespace's trainer identity — created or verified
+        once per namespace by one reconcile while the others wait, then skipped — then the run's
+        own objects, then the pod. ServiceAccounts and Roles go side by side; a RoleBinding only
+        once its ServiceAccount and the Role are known to be Fermata's, so a name held by
+        someone else never gets a grant. A refused create makes the next pod check again."""
+        ns = next((o["metadata"]["namespace"] for o in objs), "")
         try:
-            for level in (0, 1, 2):
-                batch = [o for o in todo if stage[o["kind"]] == level]
-                futures = [self._creators.submit(self.ensure, o, owner_uid) for o in batch]
-                errors = []
-                for future in futures:
-                    try:
-                        future.result()
-                    except CreateRefused as exc:
-                        errors.append(exc)
-                if errors:
-                    raise errors[0]
-                if level == 1 and ns is not None and any(podspec.is_identity(o) for o in todo):
-                    with self._lock:
-                        self._identities.add(ns)
+            self._ensure_identity(ns, [o for o in objs if podspec.is_identity(o)])
+            self._create_staged([o for o in objs if not podspec.is_identity(o)], owner_uid)
         except CreateRefused:
             with self._lock:
-                self._identities.discard(ns or "")
+                self._identities.discard(ns)
             raise
+
+    def _ensure_identity(self, ns: str, objs: list[dict[str, Any]]) -> None:
+        if not objs:
+            return
+        with self._lock:
+            if ns in self._identities:
+                return
+            lock = self._identity_locks.setdefault(ns, Lock())
+        with lock:
+            with self._lock:
+                if ns in self._identities:
+                    return  # made by the reconcile we waited for
+            self._create_staged(objs, None)
+            with self._lock:
+                self._identities.add(ns)
+
+    def _create_staged(self, objs: list[dict[str, Any]], owner_uid: str | None) -> None:
+        stage = {"ServiceAccount": 0, "Role": 0, "RoleBinding": 1, "Pod": 2}
+        for level in (0, 1, 2):
+            batch = [o for o in objs if stage[o["kind"]] == level]
+            futures = [self._creators.submit(self.ensure, o, owner_uid) for o in batch]
+            errors = []
+            for future in futures:
+                try:
+                    future.result()
+                except CreateRefused as exc:
+                    errors.append(exc)
+            if errors:
+                raise errors[0]
 
     def _create(self, obj: dict[str, Any]) -> None:
         kind, ns = obj["kind"], obj["metadata"]["namespace"]

@@ -36,7 +36,11 @@ def codebook_cross_entropy(
 
 
 def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW (β 0.9/0.95); weight decay on matrices and embeddings, not on biases and norms."""
+    """AdamW (β 0.9/0.95); weight decay on matrices and embeddings, not on biases and norms.
+
+    The fused kernel (one pass over all parameters, on the CPU and CUDA alike) when every
+    parameter is a floating-point tensor on one such device: on the tiny CPU model its step is
+    5 ms against 25 ms for the per-tensor loop (benchmarks/trainer_overhead.py)."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for param in model.parameters():
@@ -47,7 +51,10 @@ def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float)
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8)
+    params = decay + no_decay
+    devices = {p.device.type for p in params}
+    fused = len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
