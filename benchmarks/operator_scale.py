@@ -1264,7 +1264,12 @@ class Bench:
             "FERMATA_LOG_FORMAT": "json",
             "FERMATA_RESYNC_SECONDS": str(self.args.resync),
             "FERMATA_PRICE_TABLE": "fermata-system/absent",
-            "PYTHONPATH": f"{self.args.operator_src}:{Path(self.args.operator_src).parent / 'trainer'}",
+            # As the chart configures it (operator.nodeLabelSelector's default); an older
+            # operator (--operator-src) ignores it.
+            "FERMATA_NODE_LABEL_SELECTOR": "karpenter.sh/capacity-type",
+            "PYTHONPATH": ":".join(
+                str(Path(self.args.operator_src).parent / d) for d in ("operator", "api", "trainer")
+            ),
         }
         self.op = subprocess.Popen(
             [sys.executable, "-m", "fermata_operator"],
