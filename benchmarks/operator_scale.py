@@ -22,7 +22,9 @@ another on that same control plane and the same nodes:
     nodes; the cheapest correct way (a second control plane would need its own nodes).
 ``fermata`` — **Fermata**
     N TrainingRuns reconciled by the operator, started as its own process (cluster-wide,
-    ``python -m fermata_operator``) just before the column. The runs use
+    ``python -m fermata_operator``) just before the column; the first create waits until it is
+    idle (its initial lists of nodes and pods processed: under 0.05 CPU s in a second), as the
+    already-running job controller is. The runs use
     ``spec.preparation.mode: Trainer``: each goes straight to its GPU trainer pod (the default,
     ``Pod``, first runs a CPU preparation pod, which the simulated nodes never complete). The
     controller-manager keeps the raised flags in this column (none of its controllers acts in it).
@@ -128,6 +130,7 @@ from fermata_dev.cluster import (  # noqa: E402
     wait_for_service_account,
 )
 from fermata_operator.crdgen import render  # noqa: E402
+from fermata_operator.settings import DEFAULT_GPU_TOLERATIONS, DEFAULT_SPOT_TOLERATIONS  # noqa: E402
 
 GROUP, VERSION, PLURAL = contract.API_GROUP, contract.API_VERSION, contract.PLURAL
 NAMESPACE = "bench"  # the Fermata column's
@@ -292,21 +295,8 @@ def gpu_pod_spec(node_selector: dict[str, str] | None = None) -> dict[str, Any]:
         "affinity": {
             "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}
         },
-        "tolerations": [
-            {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"},
-            {
-                "key": "karpenter.sh/capacity-type",
-                "operator": "Equal",
-                "value": "spot",
-                "effect": "NoSchedule",
-            },
-            {
-                "key": "eks.amazonaws.com/capacityType",
-                "operator": "Equal",
-                "value": "SPOT",
-                "effect": "NoSchedule",
-            },
-        ],
+        # A trainer pod's on spot GPU capacity (the operator's defaults).
+        "tolerations": [*DEFAULT_GPU_TOLERATIONS, *DEFAULT_SPOT_TOLERATIONS],
         "containers": [
             {
                 "name": "main",
@@ -1280,7 +1270,15 @@ class Bench:
         )
         wait_until(lambda: "operator started" in oplog.read_text(errors="replace"), 60, "operator start")
         time.sleep(2.0)  # watches established
-        return self.op.pid
+        # Then until it is idle: its initial lists (every node it watches, the pods) processed,
+        # as a long-running operator would be when a burst arrives (the job controller is too).
+        pid, deadline = self.op.pid, time.monotonic() + 60
+        while time.monotonic() < deadline:
+            before = proc_cpu_seconds(pid)
+            time.sleep(1.0)
+            if proc_cpu_seconds(pid) - before < 0.05:
+                break
+        return pid
 
     def _stop_operator(self) -> None:
         op, self.op = self.op, None

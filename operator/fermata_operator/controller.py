@@ -78,6 +78,18 @@ def _instance_types(run: dict[str, Any], nodes: dict[str, dict[str, Any]]) -> se
     return {str(t) for t in allowed if isinstance(t, str)} | {t for t in placed if t}
 
 
+def _same_grant(want: dict[str, Any], existing: dict[str, Any]) -> bool:
+    """A Role grants exactly the rules Fermata renders, a RoleBinding binds exactly its Role to
+    its subjects (labels can be copied by anyone; the grant is what matters)."""
+    if want["kind"] == "Role":
+        return bool(existing.get("rules") == want["rules"])
+    if want["kind"] == "RoleBinding":
+        return bool(
+            existing.get("roleRef") == want["roleRef"] and existing.get("subjects") == want["subjects"]
+        )
+    return True
+
+
 @dataclass
 class RunController:
     api: client.ApiClient
@@ -397,10 +409,11 @@ class RunController:
         """A run's object: controlled by that run. The namespace's trainer identity: labelled as
         Fermata's identity and owned by no run (a stranger's ``fermata-trainer`` is never used)."""
         if podspec.is_identity(obj):
-            return podspec.is_identity(existing) and all(
-                ((existing.get("metadata") or {}).get("labels") or {}).get(k) == v
-                for k, v in podspec.identity_labels().items()
+            labels = (existing.get("metadata") or {}).get("labels") or {}
+            labelled = podspec.is_identity(existing) and all(
+                labels.get(k) == v for k, v in podspec.identity_labels().items()
             )
+            return labelled and _same_grant(obj, existing)
         return owner_uid is not None and controller_uid(existing.get("metadata") or {}) == owner_uid
 
     def ensure(self, obj: dict[str, Any], owner_uid: str | None) -> None:

@@ -387,8 +387,16 @@ def test_a_name_held_by_someone_else_is_never_adopted(
     core, rbac = runs.core, client.RbacAuthorizationV1Api(runs.api)
     ns = runs.ns
     tenant_rules = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["create", "delete"]}]
-    # The namespace's trainer Role's name, held by the tenant (with rules of her own).
-    role = rbac.create_namespaced_role(ns, {"metadata": {"name": "fermata-trainer"}, "rules": tenant_rules})
+    # The namespace's trainer Role's name, held by the tenant with rules of her own — and even
+    # with the labels of Fermata's identity (labels are anyone's to copy; the grant is checked).
+    identity_labels = {
+        "app.kubernetes.io/name": "fermata",
+        "app.kubernetes.io/component": "trainer-identity",
+        "app.kubernetes.io/managed-by": "fermata-operator",
+    }
+    role = rbac.create_namespaced_role(
+        ns, {"metadata": {"name": "fermata-trainer", "labels": identity_labels}, "rules": tenant_rules}
+    )
     runs.create("nc", spec())
     _assert_blocked_once(runs, op, "nc", f"Role {ns}/fermata-trainer")
     role_now = rbac.read_namespaced_role("fermata-trainer", ns)
