@@ -248,6 +248,14 @@ def finish(resp: Any) -> None:
         resp.release_conn()
 
 
+def raw_body(resp: Any) -> bytes:
+    """The body of a raw response; its connection goes back to the pool."""
+    try:
+        return bytes(resp.data)
+    finally:
+        resp.release_conn()
+
+
 def finite(x: float | None) -> bool:
     return x is not None and not math.isnan(x) and not math.isinf(x)
 
@@ -780,6 +788,10 @@ class ColumnResult:
     machine_busy_running: float = float("nan")
     shape: dict[str, Any] = field(default_factory=dict)
     shape_matches_fermata: bool | None = None
+    #: bytes of one object and of its pod as the API server returns them (JSON, managedFields
+    #: included) once all are Running: what every write and watch event of them carries
+    object_bytes: int = 0
+    pod_bytes: int = 0
     cleanup_s: float = float("nan")
     operator_tracebacks: int = 0
     extras: FermataExtras | None = None
@@ -882,15 +894,18 @@ class Bench:
             crds=[crd],
             controllers=(*DEFAULT_CONTROLLERS, "job") if jobs else DEFAULT_CONTROLLERS,
             controller_manager_args=args.raised_cm_args.split() if self.raised else (),
-            extra_apiserver_args=[]
-            if args.no_audit
-            else [
-                f"--audit-policy-file={policy}",
-                f"--audit-log-path={self.audit}",
-                "--audit-log-format=json",
-                "--audit-log-mode=batch",
-                "--audit-log-batch-max-wait=1s",
-            ],
+            extra_apiserver_args=(["--profiling=true"] if args.apiserver_pprof else [])
+            + (
+                []
+                if args.no_audit
+                else [
+                    f"--audit-policy-file={policy}",
+                    f"--audit-log-path={self.audit}",
+                    "--audit-log-format=json",
+                    "--audit-log-mode=batch",
+                    "--audit-log-batch-max-wait=1s",
+                ]
+            ),
         )
         try:
             self.cp.start()
@@ -995,6 +1010,34 @@ class Bench:
         self.watches.append(w)
         return w.start()
 
+    def _start_pprof(self, column: str) -> threading.Thread | None:
+        """With ``--apiserver-pprof DIR``: a CPU profile of the API server over the column's
+        first ``--pprof-seconds`` from the first create, written to DIR (``go tool pprof``)."""
+        out_dir: Path | None = self.args.apiserver_pprof
+        if out_dir is None or self.cp is None:
+            return None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        target = out_dir / f"apiserver-{column}-n{self.n}-rep{self.rep + 1}-{self.res.scenario}.pprof"
+        cp, seconds = self.cp, int(self.args.pprof_seconds)
+
+        def fetch() -> None:
+            import ssl
+            import urllib.request
+
+            ctx = ssl.create_default_context()
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            req = urllib.request.Request(
+                f"{cp.server}/debug/pprof/profile?seconds={seconds}",
+                headers={"Authorization": f"Bearer {cp.token}"},
+            )
+            with urllib.request.urlopen(req, timeout=seconds + 30, context=ctx) as resp:
+                target.write_bytes(resp.read())
+            self.log(f"API server profile: {target}")
+
+        thread = threading.Thread(target=fetch, daemon=True)
+        thread.start()
+        return thread
+
     def _create_all(self, names: list[str], create: Callable[[str], Any]) -> int:
         """Create with ``--create-threads`` threads (raw responses: no client models); retries
         429/5xx/connection errors twice; returns the number of objects that could not be made."""
@@ -1088,6 +1131,7 @@ class Bench:
         c0, a0, s0, m0 = (proc_cpu_seconds(p) for p in (ctrl_pid, api_pid, sched_pid, cm_pid))
         sim0, busy0, self0 = self.sim.cpu_seconds(), machine_busy_cores()[0], time.process_time()
         since = datetime.now(UTC)
+        self._start_pprof(column)
         t0 = time.monotonic()
         res.create_errors = self._create_all(names, timed_create)
         res.create_seconds = time.monotonic() - t0
@@ -1149,6 +1193,8 @@ class Bench:
         res.machine_busy_running = (machine_busy_cores()[0] - busy0) / max(time.monotonic() - t0, 1e-6)
         with pods.lock:
             res.shape = scheduling_shape(pods.first_pod) if pods.first_pod else {}
+        self._object_sizes(column, names[0], res)
+        self.log(f"{TITLES[column]}: one object {res.object_bytes} B, its pod {res.pod_bytes} B")
 
         if not args.no_audit:
             time.sleep(2.5)  # the audit batch flushes every second
@@ -1173,6 +1219,43 @@ class Bench:
         if objects is not None:
             objects.stop()
         return res
+
+    def _object_sizes(self, column: str, name: str, res: ColumnResult) -> None:
+        """The JSON size of the column's first object and its pod (kept under ``--keep``)."""
+        ns = COLUMN_NAMESPACES[column]
+        try:
+            if column == "fermata":
+                obj = self.custom.get_namespaced_custom_object(
+                    GROUP, VERSION, ns, PLURAL, name, _preload_content=False
+                )
+                selector = f"{LABEL_RUN}={name}"
+            elif column.startswith("job-"):
+                obj = self.batch.read_namespaced_job(name, ns, _preload_content=False)
+                selector = f"{JOB_NAME_LABEL}={name}"
+            else:
+                obj, selector = None, ""
+            if obj is not None:
+                body = raw_body(obj)
+                res.object_bytes = len(body)
+                pods = json.loads(
+                    raw_body(
+                        self.core.list_namespaced_pod(ns, label_selector=selector, _preload_content=False)
+                    )
+                )
+                items = pods.get("items") or []
+                pod = json.dumps(items[0], separators=(",", ":")).encode() if items else b""
+            else:
+                body = b""
+                pod = raw_body(self.core.read_namespaced_pod(name, ns, _preload_content=False))
+            res.pod_bytes = len(pod)
+            if self.args.keep is not None:
+                out = self.args.keep / f"sample-{column}-n{self.n}-rep{self.rep + 1}"
+                out.mkdir(parents=True, exist_ok=True)
+                if body:
+                    (out / "object.json").write_bytes(body)
+                (out / "pod.json").write_bytes(pod)
+        except Exception as exc:  # a figure, not a phase: report and go on
+            res.errors.append(f"object sizes: {type(exc).__name__}: {exc}"[:500])
 
     # -- between columns ---------------------------------------------------------------------
 
@@ -1739,6 +1822,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--no-audit", action="store_true", help="no audit log (no request counts; its overhead gone)"
     )
+    p.add_argument(
+        "--apiserver-pprof",
+        type=Path,
+        help="write a CPU profile of the API server per column here (its first --pprof-seconds)",
+    )
+    p.add_argument("--pprof-seconds", type=float, default=15.0)
     p.add_argument("--json", type=Path, help="write every raw figure here")
     p.add_argument("--keep", type=Path, help="keep the work directory (logs, audit) here")
     args = p.parse_args(argv)
