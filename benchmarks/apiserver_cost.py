@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import statistics
 import sys
 import tempfile
 import time
@@ -61,15 +59,9 @@ from fermata_operator.policies.prices import PriceTable  # noqa: E402
 from fermata_operator.settings import OperatorSettings  # noqa: E402
 from tests.operator.factories import T0, iso, node, pod_for, running, waiting  # noqa: E402
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 NS = "cost"
 GROUP, VERSION, PLURAL = osc.GROUP, osc.VERSION, osc.PLURAL
 KINDS = ("TrainingRun", "TrainingRun, no CEL", "TrainingRun, no schema", "Job", "Pod", "Event")
-
-
-def proc_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def operator_writes() -> list[dict[str, Any]]:
@@ -257,12 +249,12 @@ class Measure:
         out: dict[str, float] = {}
         for label, call in steps:
             time.sleep(self.args.settle)
-            c0 = proc_cpu(pid)
+            c0 = osc.proc_cpu_seconds(pid)
             with ThreadPoolExecutor(self.args.threads) as pool:
                 failed = sum(not ok for ok in pool.map(lambda x, c=call: _send(c, x), names))
             if failed:
                 raise RuntimeError(f"{kind} {label}: {failed} of {n} requests failed")
-            out[label] = 1000.0 * (proc_cpu(pid) - c0) / n
+            out[label] = 1000.0 * (osc.proc_cpu_seconds(pid) - c0) / n
             if kind == "TrainingRun" and label == "create":
                 made = custom.get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, names[0])
                 self.defaulted_spec = made["spec"]
@@ -280,9 +272,7 @@ def _status_write(custom: Any, body: dict[str, Any]) -> Callable[[str], Any]:
 
 def _send(call: Callable[[str], Any], name: str) -> bool:
     try:
-        resp = call(name)
-        resp.data  # noqa: B018
-        resp.release_conn()
+        osc.raw_body(call(name))
         return True
     except Exception as exc:  # counted and reported by the caller
         print(f"    {name}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
@@ -340,11 +330,6 @@ def event(name: str) -> dict[str, Any]:
     }
 
 
-def summary(values: list[float]) -> str:
-    v = sorted(values)
-    return f"{statistics.median(v):.2f} [{v[0]:.2f}–{v[-1]:.2f}]" if len(v) > 1 else f"{v[0]:.2f}"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=400, help="objects per kind")
@@ -369,14 +354,14 @@ def main(argv: list[str] | None = None) -> int:
     totals: dict[str, list[float]] = {}
     for kind in KINDS:
         for label in reps[0].get(kind, {}):
-            print(f"| {kind} | {label} | {summary([r[kind][label] for r in reps])} |")
+            print(f"| {kind} | {label} | {osc.spread([r[kind][label] for r in reps], '.2f')} |")
         totals[kind] = [sum(r[kind].values()) for r in reps]
     print()
     print("| kind | all its steps (ms per object) | ÷ Job |")
     print("|---|---|---|")
     for kind in KINDS:
         ratio = [t / j for t, j in zip(totals[kind], totals["Job"], strict=True)]
-        print(f"| {kind} | {summary(totals[kind])} | {summary(ratio)} |")
+        print(f"| {kind} | {osc.spread(totals[kind], '.2f')} | {osc.spread(ratio, '.2f')} |")
     print(f"\nwall time {time.monotonic() - t0:.0f}s")
     return 0
 
