@@ -52,7 +52,7 @@ for sub in ("operator", "dev", "benchmarks", ""):
 import operator_scale as osc  # noqa: E402
 from kubernetes import client  # noqa: E402
 
-from fermata_dev.cluster import LocalControlPlane, ensure_built, wait_for_service_account  # noqa: E402
+from fermata_dev.cluster import ensure_built, wait_for_service_account  # noqa: E402
 from fermata_operator.crdgen import render  # noqa: E402
 from fermata_operator.planner import TRAINER_KEYS, Observed, merge_patch, plan  # noqa: E402
 from fermata_operator.policies.prices import PriceTable  # noqa: E402
@@ -157,7 +157,7 @@ class Measure:
         return self.results
 
     def _kinds(self, binary: Path, crd: Path, kinds: tuple[str, ...], name: str) -> None:
-        cp = LocalControlPlane(
+        cp = osc.BenchControlPlane(
             self.work / name,
             binary,
             crds=[crd],
@@ -170,10 +170,10 @@ class Measure:
             api = client.ApiClient(base.configuration)
             client.CoreV1Api(api).create_namespace({"metadata": {"name": NS}})
             wait_for_service_account(api, NS, timeout=60)
-            proc = cp._processes["apiserver"].popen
-            assert proc is not None
+            pid = cp.pid("apiserver")
+            assert pid is not None
             for kind in kinds:
-                self.results[kind] = self._steps(api, proc.pid, kind)
+                self.results[kind] = self._steps(api, pid, kind)
         finally:
             cp.stop()
 

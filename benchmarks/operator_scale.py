@@ -96,12 +96,14 @@ import math
 import os
 import shutil
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -1010,33 +1012,33 @@ class Bench:
         self.watches.append(w)
         return w.start()
 
-    def _start_pprof(self, column: str) -> threading.Thread | None:
+    def _start_pprof(self, column: str) -> None:
         """With ``--apiserver-pprof DIR``: a CPU profile of the API server over the column's
-        first ``--pprof-seconds`` from the first create, written to DIR (``go tool pprof``)."""
+        first ``--pprof-seconds`` from the first create, written to DIR (``go tool pprof``), from
+        a thread of its own (the profile endpoint answers when the time is up)."""
         out_dir: Path | None = self.args.apiserver_pprof
         if out_dir is None or self.cp is None:
-            return None
+            return
         out_dir.mkdir(parents=True, exist_ok=True)
         target = out_dir / f"apiserver-{column}-n{self.n}-rep{self.rep + 1}-{self.res.scenario}.pprof"
         cp, seconds = self.cp, int(self.args.pprof_seconds)
 
         def fetch() -> None:
-            import ssl
-            import urllib.request
-
             ctx = ssl.create_default_context()
             ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
             req = urllib.request.Request(
                 f"{cp.server}/debug/pprof/profile?seconds={seconds}",
                 headers={"Authorization": f"Bearer {cp.token}"},
             )
-            with urllib.request.urlopen(req, timeout=seconds + 30, context=ctx) as resp:
-                target.write_bytes(resp.read())
+            try:
+                with urllib.request.urlopen(req, timeout=seconds + 30, context=ctx) as resp:
+                    target.write_bytes(resp.read())
+            except OSError as exc:  # a profile, not a figure: say so and go on
+                self.log(f"API server profile failed: {exc}")
+                return
             self.log(f"API server profile: {target}")
 
-        thread = threading.Thread(target=fetch, daemon=True)
-        thread.start()
-        return thread
+        threading.Thread(target=fetch, daemon=True).start()
 
     def _create_all(self, names: list[str], create: Callable[[str], Any]) -> int:
         """Create with ``--create-threads`` threads (raw responses: no client models); retries

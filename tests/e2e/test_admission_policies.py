@@ -335,17 +335,50 @@ def release(
 
 
 @pytest.fixture(scope="module")
-def tenant(k8s_api: Any, release: Release) -> Iterator[str]:
-    """A namespace for runs (no Pod Security enforcement: the policies must refuse on their own)."""
+def tenant(
+    control_plane: LocalControlPlane, k8s_api: Any, release: Release, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A namespace for runs (no Pod Security enforcement: the policies must refuse on their own),
+    once the release's status guard is enforced in it."""
     name = f"tenant-{uuid.uuid4().hex[:6]}"
     core = client.CoreV1Api(k8s_api)
     core.create_namespace({"metadata": {"name": name}})
     wait_for_service_account(k8s_api, name)
+    _wait_for_status_guard(control_plane, k8s_api, release, name, tmp_path_factory.mktemp("guard-probe"))
     yield name
     custom = client.CustomObjectsApi(k8s_api)
     for obj in custom.list_namespaced_custom_object(GROUP, VERSION, name, PLURAL)["items"]:
         custom.delete_namespaced_custom_object(GROUP, VERSION, name, PLURAL, obj["metadata"]["name"])
     core.delete_namespace(name)
+
+
+def _wait_for_status_guard(
+    control_plane: LocalControlPlane, k8s_api: Any, release: Release, ns: str, tmp: Path
+) -> None:
+    """The API server loads each policy and binding on its own: one enforced (the release
+    fixture's probe) does not mean all are. Probe the status guard itself with a dry run it must
+    refuse: a status patch with an unbound token of the trainer ServiceAccount."""
+    run = _run(k8s_api, ns, "guard-probe")
+    _create_trainer_rbac(release.operator, run)
+    unbound = client.CustomObjectsApi(
+        _token_client(control_plane, client.CoreV1Api(k8s_api), "fermata-trainer", ns, tmp / "kubeconfig")
+    )
+
+    def enforced() -> bool:
+        try:
+            unbound.patch_namespaced_custom_object_status(
+                GROUP, VERSION, ns, PLURAL, "guard-probe", {"status": {"message": "probe"}}, dry_run="All"
+            )
+        except ApiException as exc:
+            return f"{release.name}-status-guard" in exc.body
+        return False
+
+    try:
+        wait_for(enforced, timeout=60, what="the status guard enforced")
+    finally:
+        client.CustomObjectsApi(k8s_api).delete_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, "guard-probe"
+        )
 
 
 def _run(k8s_api: Any, ns: str, name: str, **overrides: Any) -> dict[str, Any]:
