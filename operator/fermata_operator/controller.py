@@ -97,6 +97,11 @@ class RunController:
     prices: PriceSource = field(default_factory=lambda: PriceSource(None, ""))
     #: Our last write of each run, so a stale watch cache never drives a decision.
     _written: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    #: A new run's first status while it waits for its pod to be placed
+    #: (:func:`planner.first_write_hold`), by run: (its UID, the status). The next pass plans
+    #: from it as if it were written; lost with the process, which is safe (that pass then finds
+    #: the pod by its deterministic name and plans the same status again).
+    _held: dict[tuple[str, str], tuple[str, dict[str, Any]]] = field(default_factory=dict)
     _lock: Lock = field(default_factory=Lock)
     #: Posts the run's decisions, budget, idle and failure Events to a webhook (when configured).
     notifier: Notifier | None = None
@@ -200,6 +205,7 @@ class RunController:
     def forget(self, namespace: str, name: str) -> None:
         with self._lock:
             self._written.pop((namespace, name), None)
+            self._held.pop((namespace, name), None)
 
     def observe(
         self,
@@ -281,13 +287,15 @@ class RunController:
         run, tampered = self.restore(self.freshest(run))
         ns, name = run["metadata"]["namespace"], run["metadata"]["name"]
         try:
-            obs = self.observe(run, pods, nodes)
+            obs = self.observe(self.with_held(run), pods, nodes)
             obs.tampered = tampered
             if team is not None and team[0]:
                 obs.team_budgets = team_budgets.facts_for_run(run, team[0], team[1], obs.now)
             plan = planner.plan(obs, self.settings)
-            self.execute(run, plan, obs.now)
+            held = self.execute(run, plan, obs.now)
             metrics.observe_run(run, plan.status)
+            if held is not None:
+                return held if plan.requeue_after is None else min(held, plan.requeue_after)
             return plan.requeue_after
         except Exception:
             metrics.RECONCILE_ERRORS.labels(namespace=ns).inc()
@@ -296,8 +304,26 @@ class RunController:
             metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
             log.debug("reconciled", namespace=ns, run=name, seconds=round(time.monotonic() - started, 4))
 
-    def execute(self, run: dict[str, Any], plan: planner.Plan, now: datetime) -> None:
+    def with_held(self, run: dict[str, Any]) -> dict[str, Any]:
+        """``run`` with its held first status in place of the stored one, if one is held and
+        nothing has been written since."""
+        meta = run["metadata"]
+        key = (meta["namespace"], meta["name"])
+        with self._lock:
+            held = self._held.get(key)
+            if held is None:
+                return run
+            stored = run.get("status") or {}
+            if held[0] != meta.get("uid") or stored.get("pod") or stored.get("phase"):
+                del self._held[key]
+                return run
+        return {**run, "status": {**stored, **held[1]}}
+
+    def execute(self, run: dict[str, Any], plan: planner.Plan, now: datetime) -> float | None:
+        """Carries ``plan`` out against ``run`` as stored; returns the seconds its status write
+        is held for (None: written, or nothing to write)."""
         ns, name = run["metadata"]["namespace"], run["metadata"]["name"]
+        held = None
         try:
             self.create_all(plan.create, run["metadata"].get("uid"))
         except CreateRefused as refused:
@@ -310,7 +336,13 @@ class RunController:
         if plan.cleanup:
             self.clean_up(run, plan)  # before the status that says so: a repeat finds 404s
         old = _operator_part(run.get("status"))
-        if planner.status_changed(old, plan.status, self.settings.cost_write_seconds, now):
+        changed = planner.status_changed(old, plan.status, self.settings.cost_write_seconds, now)
+        if changed:
+            held = planner.first_write_hold(old, plan, self.settings.first_status_hold_seconds, now)
+        if held is not None:
+            with self._lock:
+                self._held[(ns, name)] = (run["metadata"].get("uid", ""), plan.status)
+        elif changed:
             body = planner.merge_patch(old, plan.status)
             written = self.custom.patch_namespaced_custom_object_status(
                 contract.API_GROUP,
@@ -323,6 +355,7 @@ class RunController:
             )
             with self._lock:
                 self._written[(ns, name)] = written
+                self._held.pop((ns, name), None)
         for pod_name, reason in plan.stop_pods:
             self.stop_pod(ns, pod_name, reason, plan.uids.get(pod_name))
         for pod_name in plan.release_finalizers:
@@ -334,6 +367,7 @@ class RunController:
                 self.notifier.notify(run, plan.status, ev.type, ev.reason, ev.message)
         if plan.delete_run:
             self.delete_run(run)
+        return held
 
     def create_all(self, objs: list[dict[str, Any]], owner_uid: str | None) -> None:
         """The pod's supporting objects, then the pod, which needs them: a pod exists only once

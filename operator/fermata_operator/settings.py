@@ -48,6 +48,9 @@ class OperatorSettings:
     #: remaining budget, projection). With the default, a run in steady state costs the API at
     #: most one request a minute; anything else (phase, conditions, closed spans) is written at once.
     cost_write_seconds: float = 60.0
+    #: How long a new run's first status write may wait for its just-created pod to be placed,
+    #: so that "created" and "placed" are one write (0: write at once).
+    first_status_hold_seconds: float = 3.0
     #: Reconciles that may run at once (threads); the API connection pool holds twice as many.
     workers: int = 32
     #: How long the trainer gets to answer a checkpoint request before its pod is stopped.
@@ -81,6 +84,9 @@ class OperatorSettings:
         return cls(
             resync_seconds=_env_float("FERMATA_RESYNC_SECONDS", base.resync_seconds),
             cost_write_seconds=_env_float("FERMATA_COST_WRITE_SECONDS", base.cost_write_seconds),
+            first_status_hold_seconds=_env_float(
+                "FERMATA_FIRST_STATUS_HOLD_SECONDS", base.first_status_hold_seconds
+            ),
             workers=max(1, int(_env_float("FERMATA_WORKERS", base.workers))),
             checkpoint_request_timeout_seconds=_env_float(
                 "FERMATA_CHECKPOINT_REQUEST_TIMEOUT_SECONDS",

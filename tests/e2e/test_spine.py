@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import pytest
-from kubernetes import client
+from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
 from fermata_dev.cluster import LocalControlPlane
 from fermata_dev.kubelet import LocalKubelet
-from tests.e2e.conftest import OperatorProcess, Runs, spec, wait_for
+from tests.e2e.conftest import GROUP, PLURAL, VERSION, OperatorProcess, Runs, spec, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -56,6 +58,80 @@ def test_create_gives_one_restricted_pod_on_a_spot_gpu_node(
     assert ready is not None and ready["status"] == "True"
     reasons = {e.reason for e in runs.events("small")}
     assert {"PodCreated", "Running"} <= reasons
+
+
+def _status_history(runs: Runs, name: str, since: str) -> list[dict[str, Any]]:
+    """Every status the run has had since resourceVersion ``since``, in order (replayed by a
+    watch from the API server's watch cache), each one written once."""
+    seen: list[dict[str, Any]] = []
+    for ev in watch.Watch().stream(
+        runs.custom.list_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        runs.ns,
+        PLURAL,
+        field_selector=f"metadata.name={name}",
+        resource_version=since,
+        timeout_seconds=2,
+    ):
+        status = ev["object"].get("status")
+        if status and (not seen or seen[-1] != status):
+            seen.append(status)
+    return seen
+
+
+def _status_written(run: dict[str, Any]) -> datetime:
+    """When the operator last wrote the run's status (its managedFields entry, to the second)."""
+    entry = next(
+        m
+        for m in run["metadata"]["managedFields"]
+        if m["manager"] == "fermata-operator" and m.get("subresource") == "status"
+    )
+    return datetime.fromisoformat(entry["time"].replace("Z", "+00:00"))
+
+
+def test_a_new_runs_created_and_placed_pod_is_one_status_write(
+    runs: Runs,
+    operator_factory: Callable[..., OperatorProcess],
+    restricted_namespace: str,
+    kubelet: LocalKubelet,
+) -> None:
+    kubelet.set_mode("manual")
+    operator_factory(restricted_namespace, FERMATA_FIRST_STATUS_HOLD_SECONDS="30")
+    made = runs.create("once", spec())
+    _bound(runs, "once-0")
+    st = wait_for(lambda: (s := runs.status("once")).get("pod") and s, timeout=30, what="first status")
+    history = _status_history(runs, "once", made["metadata"]["resourceVersion"])
+    # The first status the run ever had names its pod and where it was placed: "created" and
+    # "placed" were one write, not two.
+    assert len(history) == 1, history
+    assert history[0]["pod"]["name"] == "once-0" and history[0]["pod"]["nodeName"]
+    scheduled = next(c for c in history[0]["conditions"] if c["type"] == "PodScheduled")
+    assert scheduled["status"] == "True"
+    assert st["phase"] == "Pending" and st["pod"]["nodeName"] == history[0]["pod"]["nodeName"]
+    kubelet.set_running(runs.ns, "once-0")
+    wait_for(lambda: runs.status("once").get("phase") == "Running", timeout=30, what="Running")
+
+
+def test_a_first_pod_that_cannot_be_placed_is_reported_when_the_hold_ends(
+    runs: Runs,
+    operator_factory: Callable[..., OperatorProcess],
+    restricted_namespace: str,
+    kubelet: LocalKubelet,
+) -> None:
+    operator_factory(restricted_namespace, FERMATA_FIRST_STATUS_HOLD_SECONDS="3")
+    runs.create("unplaced", spec(resources={"gpus": 8}))  # no node has 8 GPUs
+    st = wait_for(lambda: (s := runs.status("unplaced")).get("pod") and s, timeout=30, what="first status")
+    assert st["phase"] == "Pending" and st["pod"]["name"] == "unplaced-0"
+    assert not st["pod"].get("nodeName")
+    pod = runs.core.read_namespaced_pod("unplaced-0", runs.ns)
+    held = (_status_written(runs.get("unplaced")) - pod.metadata.creation_timestamp).total_seconds()
+    assert 2 <= held <= 15, held  # the hold (3 s; both times to the second), then written anyway
+    wait_for(
+        lambda: (c := runs.condition("unplaced", "WaitingForCapacity")) and c["status"] == "True",
+        timeout=30,
+        what="WaitingForCapacity",
+    )
 
 
 def test_operator_killed_and_restarted_keeps_exactly_one_pod(

@@ -10,10 +10,18 @@ import pytest
 from fermata_api import TrainingRunStatus
 from fermata_api.meta import ANNOTATION_STOP_REASON, POD_FINALIZER
 from fermata_operator import podspec
-from fermata_operator.planner import Observed, Plan, merge_patch, plan, refused, status_changed
+from fermata_operator.planner import (
+    Observed,
+    Plan,
+    first_write_hold,
+    merge_patch,
+    plan,
+    refused,
+    status_changed,
+)
 from fermata_operator.policies.prices import PriceTable
 from fermata_operator.settings import OperatorSettings
-from tests.operator.factories import T0, iso, node, pod_for, progress, run, running, terminated
+from tests.operator.factories import T0, iso, node, pod_for, progress, run, running, terminated, waiting
 
 SETTINGS = OperatorSettings()
 NODES = {"spot-1": node("spot-1"), "od-1": node("od-1", capacity="on-demand")}
@@ -604,6 +612,51 @@ def test_status_changed_rate_limits_cost_only_updates() -> None:
     assert not status_changed(old, new_plan.status, 30.0, T0 + timedelta(minutes=1, seconds=5))
     assert status_changed(old, new_plan.status, 30.0, T0 + timedelta(minutes=2))
     TrainingRunStatus.model_validate(new_plan.status)
+
+
+def test_a_new_runs_first_status_waits_for_its_pod_to_be_placed() -> None:
+    r = run()
+    first = step(r, [], timedelta(0))
+    # The first pass created the pod: its status may wait up to the hold from the pod's creation.
+    assert first_write_hold({}, first, 3.0, T0) == 3.0
+    assert first_write_hold({}, first, 3.0, T0 + timedelta(seconds=2)) == 1.0
+    assert first_write_hold({}, first, 3.0, T0 + timedelta(seconds=3)) is None
+    assert first_write_hold({}, first, 0.0, T0) is None  # hold off: written at once
+    # Planned again from the held status once the pod is bound: nothing more to wait for, and
+    # the one write says both (the pod and its node).
+    placed = step(r, [waiting(pod_for(r), "ContainerCreating", node_name="spot-1")], timedelta(seconds=1))
+    assert first_write_hold({}, placed, 3.0, T0 + timedelta(seconds=1)) is None
+    assert placed.status["pod"]["nodeName"] == "spot-1"
+    assert [c["type"] for c in placed.status["conditions"] if c["status"] == "True"] == [
+        "Accepted",
+        "PodScheduled",
+    ]
+
+
+def test_only_the_very_first_status_is_ever_held() -> None:
+    r = run()
+    step(r, [], timedelta(0))
+    written = dict(r["status"])
+    # Anything already written (a pod or a phase): every later status goes out at once, an
+    # interruption's next pod included.
+    again = step(r, [], timedelta(seconds=1))
+    assert first_write_hold(written, again, 3.0, T0 + timedelta(seconds=1)) is None
+    assert first_write_hold({"phase": "Pending"}, again, 3.0, T0 + timedelta(seconds=1)) is None
+    # A pass that stops a pod, releases a finalizer, cleans up or deletes is never held: its
+    # status is what makes those safe.
+    for side in (
+        {"stop_pods": [("demo-0", "Deleting")]},
+        {"release_finalizers": ["demo-0"]},
+        {"cleanup": [("Pod", "demo-0")]},
+        {"delete_run": True},
+    ):
+        busy = Plan(status=again.status, **side)
+        assert first_write_hold({}, busy, 3.0, T0) is None, side
+    # A refused create (no pod) or an invalid spec (no pod) is written at once.
+    assert first_write_hold({}, refused(again, "Forbidden", "no", 1, T0), 3.0, T0) is None
+    bad = run()
+    bad["spec"]["budget"] = {"maxUSD": "lots"}
+    assert first_write_hold({}, step(bad, [], timedelta(0)), 3.0, T0) is None
 
 
 def test_exit_zero_after_sigterm_from_outside_is_an_interruption_not_success() -> None:

@@ -15,12 +15,13 @@ from fermata_operator.planner.context import operator_status, read_status
 from fermata_operator.planner.lifecycle import plan
 from fermata_operator.planner.model import TRAINER_KEYS, Observed, Plan
 from fermata_operator.planner.pods import refused
-from fermata_operator.planner.writes import merge_patch, status_changed
+from fermata_operator.planner.writes import first_write_hold, merge_patch, status_changed
 
 __all__ = [
     "TRAINER_KEYS",
     "Observed",
     "Plan",
+    "first_write_hold",
     "merge_patch",
     "operator_status",
     "plan",
