@@ -227,13 +227,25 @@ class LocalControlPlane:
             for crd in self.crds:
                 self.kubectl("apply", "--server-side", "-f", str(crd), check=True)
             for crd in self.crds:
-                self.kubectl("wait", "--for=condition=Established", "-f", str(crd), check=True)
+                self.wait_established(crd)
             self._spawn("controller-manager", self._controller_manager_argv())
             self._spawn("scheduler", self._scheduler_argv())
             self._wait_default_service_account()
         except BaseException:
             self.stop()
             raise
+
+    def wait_established(self, crd: Path, timeout: float = 60.0) -> None:
+        """``kubectl wait --for=condition=Established``, again while the CRD has no conditions
+        at all yet (kubectl then fails at once instead of waiting: "accessor error")."""
+        deadline = time.monotonic() + timeout
+        while True:
+            done = self.kubectl("wait", "--for=condition=Established", "-f", str(crd), timeout=timeout)
+            if done.returncode == 0:
+                return
+            if "accessor error" not in done.stderr or time.monotonic() > deadline:
+                raise subprocess.CalledProcessError(done.returncode, done.args, done.stdout, done.stderr)
+            time.sleep(0.2)
 
     def stop(self) -> None:
         """Stop every component (scheduler, controller-manager, then apiserver); idempotent."""

@@ -27,13 +27,11 @@ def crd(control_plane: LocalControlPlane, tmp_path_factory: pytest.TempPathFacto
     path = tmp_path_factory.mktemp("crd") / "crd.yaml"
     path.write_text(render())
     control_plane.kubectl("apply", "--server-side", "-f", str(path), check=True)
-    control_plane.kubectl("wait", "--for=condition=Established", "crd/trainingruns.fermata.dev", check=True)
+    control_plane.wait_established(path)
     budget = path.parent / "budget-crd.yaml"
     budget.write_text(render_budget())
     control_plane.kubectl("apply", "--server-side", "-f", str(budget), check=True)
-    control_plane.kubectl(
-        "wait", "--for=condition=Established", "crd/trainingbudgets.fermata.dev", check=True
-    )
+    control_plane.wait_established(budget)
 
 
 @pytest.fixture

@@ -298,15 +298,11 @@ def chart_crds(control_plane: LocalControlPlane, crd: None, tmp_path_factory: py
     path.write_text(yaml.safe_dump_all(MONITORING_CRDS))
     # The TrainingRun CRD is already there (the `crd` fixture; the chart's copy is the same file, see
     # test_chart_crd_is_the_generated_one): re-applying it would only re-initialise its storage.
-    for source in (CHART / "crds" / "kopf.dev_kopfpeerings.yaml", path):
+    sources = (CHART / "crds" / "kopf.dev_kopfpeerings.yaml", path)
+    for source in sources:
         control_plane.kubectl("apply", "--server-side", "-f", str(source), check=True)
-    for name in (
-        "kopfpeerings.kopf.dev",
-        "clusterkopfpeerings.kopf.dev",
-        "servicemonitors.monitoring.coreos.com",
-        "prometheusrules.monitoring.coreos.com",
-    ):
-        control_plane.kubectl("wait", "--for=condition=Established", f"crd/{name}", check=True)
+    for source in sources:  # kopf's two peering CRDs, ServiceMonitor and PrometheusRule
+        control_plane.wait_established(source)
 
 
 @pytest.fixture
