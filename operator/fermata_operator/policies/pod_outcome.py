@@ -148,8 +148,12 @@ def _pending(pod: PodView, notice: bool) -> Outcome:
         return Outcome(Kind.starting, c.waiting_reason, c.waiting_message or c.waiting_reason, None, notice)
     if not pod.node_name:
         sched = pod.conditions.get("PodScheduled")
-        message = (sched.message if sched else None) or "waiting for a node with the requested GPU capacity"
-        return Outcome(Kind.unscheduled, (sched.reason if sched else None) or "Unschedulable", message)
+        if sched is None:
+            # Not looked at by the scheduler yet (a pod just created): nothing says it waits for
+            # capacity, and saying so would post a WaitingForCapacity for nearly every new pod.
+            return Outcome(Kind.starting, "Scheduling", "waiting for the scheduler", None, notice)
+        message = sched.message or "waiting for a node with the requested GPU capacity"
+        return Outcome(Kind.unscheduled, sched.reason or "Unschedulable", message)
     return Outcome(Kind.starting, "ContainerCreating", f"starting on {pod.node_name}", None, notice)
 
 

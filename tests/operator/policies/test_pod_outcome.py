@@ -128,7 +128,7 @@ def test_node_deleted_under_a_running_pod() -> None:
 
 def test_node_deleted_does_not_matter_before_scheduling() -> None:
     o = classify(a_pod(), node_missing=True)
-    assert o.kind is Kind.unscheduled
+    assert o.kind is Kind.starting and o.reason == "Scheduling"
 
 
 def test_termination_taint_running_is_a_notice() -> None:
@@ -283,12 +283,20 @@ def test_unscheduled() -> None:
     o = classify(p, default_node=False)
     assert (o.kind, o.reason) == (Kind.unscheduled, "Unschedulable")
     assert o.message == "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    # The scheduler said no more than "not scheduled": the default message.
+    terse = with_condition(a_pod(), "PodScheduled", status="False", reason="Unschedulable")
+    terse["status"]["conditions"][0].pop("message", None)
+    assert classify(terse, default_node=False).message == "waiting for a node with the requested GPU capacity"
+
+
+def test_a_pod_the_scheduler_has_not_looked_at_yet_is_not_waiting_for_capacity() -> None:
     bare = classify(a_pod(), default_node=False)
     assert (bare.kind, bare.reason, bare.message) == (
-        Kind.unscheduled,
-        "Unschedulable",
-        "waiting for a node with the requested GPU capacity",
+        Kind.starting,
+        "Scheduling",
+        "waiting for the scheduler",
     )
+    assert not bare.ended and bare.started is None
 
 
 def test_container_creating() -> None:
