@@ -38,3 +38,8 @@ def test_chart_timeout_matches_the_operator_default_and_the_readme() -> None:
     assert chart == OperatorSettings().checkpoint_request_timeout_seconds
     readme = (ROOT / "README.md").read_text()
     assert f"both default to {chart:.0f} s" in readme
+
+
+def test_chart_first_status_hold_matches_the_operator_default() -> None:
+    values = yaml.safe_load((ROOT / "charts" / "fermata" / "values.yaml").read_text())
+    assert float(values["operator"]["firstStatusHoldSeconds"]) == OperatorSettings().first_status_hold_seconds
