@@ -13,7 +13,7 @@ from fermata_api import (
     TrainingRunStatus,
 )
 from fermata_operator import podspec
-from fermata_operator.planner import Observed, Plan, plan
+from fermata_operator.planner import Observed, Plan, first_write_hold, plan
 from fermata_operator.policies import preparation
 from fermata_operator.policies.pod_outcome import Kind, Outcome
 from fermata_operator.policies.prices import DEFAULT_PRICES, PriceTable
@@ -239,6 +239,18 @@ def test_no_preparation_pod_without_a_price_and_a_stale_preparation_is_idle() ->
     assert r["status"]["phase"] == "IdleStopped"
     assert cond(r, "Idle")["reason"] == "HeartbeatStale"
     assert ("demo-prep-0", "Idle") in p.stop_pods
+
+
+def test_a_new_runs_first_status_waits_for_its_preparation_pod_to_be_placed() -> None:
+    r = run(preparation=POD_MODE)
+    first = step(r, [], timedelta(0))
+    assert r["status"]["preparer"]["pod"]["name"] == "demo-prep-0"
+    assert first_write_hold({}, first, 3.0, T0 + timedelta(seconds=1)) == 2.0
+    placed_pod = prep_pod(r)
+    placed_pod["spec"]["nodeName"] = "cpu-1"
+    placed = step(r, [placed_pod], timedelta(seconds=1))
+    assert r["status"]["preparer"]["pod"]["nodeName"] == "cpu-1"
+    assert first_write_hold({}, placed, 3.0, T0 + timedelta(seconds=1)) is None
 
 
 def test_mode_trainer_creates_the_gpu_pod_at_once() -> None:

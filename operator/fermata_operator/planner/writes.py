@@ -62,20 +62,21 @@ def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 def first_write_hold(old: dict[str, Any], plan: Plan, hold_seconds: float, now: datetime) -> float | None:
     """Seconds the run's first status write may wait, or None to write now.
 
-    A new run's first pass creates its pod, and the pod is bound to a node a fraction of a
-    second later; written at once, "pod created" and "placed on node X" are two status writes
-    (the costliest requests a run makes of the API server: each one validates and stores the
-    whole object). So the status that only records a just-created, not yet placed first pod
-    waits until the pod is placed — the pod's binding wakes the run, and one write says both —
-    or for at most ``hold_seconds`` after the pod's creation. Nothing else waits: a pass that
-    stops a pod, releases a finalizer, deletes or cleans up writes at once (its status is what
-    makes those safe), and so does every later pod (an interruption's record is never held).
+    A new run's first pass creates its first pod (the trainer's, or the preparation pod's with
+    ``spec.preparation.mode: Pod``), and the pod is bound to a node a fraction of a second
+    later; written at once, "pod created" and "placed on node X" are two status writes (the
+    costliest requests a run makes of the API server: each one validates and stores the whole
+    object). So the status that only records a just-created, not yet placed first pod waits
+    until the pod is placed — the pod's binding wakes the run, and one write says both — or for
+    at most ``hold_seconds`` after the pod's creation. Nothing else waits: a pass that stops a
+    pod, releases a finalizer, deletes or cleans up writes at once (its status is what makes
+    those safe), and so does every later pod (an interruption's record is never held).
     """
     if hold_seconds <= 0 or old.get("pod") or old.get("phase"):
         return None
     if plan.stop_pods or plan.release_finalizers or plan.cleanup or plan.delete_run:
         return None
-    pod = plan.status.get("pod") or {}
+    pod = plan.status.get("pod") or (plan.status.get("preparer") or {}).get("pod") or {}
     created = parse_time(pod.get("created"))
     if plan.status.get("phase") != "Pending" or pod.get("nodeName") or created is None:
         return None
